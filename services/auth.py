@@ -1,0 +1,165 @@
+"""Bearer tokens: HS256 JWTs signed with the WMS's secret, carrying a subject and one role.
+
+Roles: ``user`` (owns workflows), ``tms`` (a task management service, scoped to a cluster location),
+``pilot`` (scoped to one taskforce), ``admin`` (everything). The WMS creates its signing secret and an
+admin token in its data directory on first start (mode 0600); ``ewms token create`` mints more.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from services.errors import PermissionDenied, Unauthenticated
+
+ISSUER = "ewms"
+SECRET_FILE = "secret.key"
+ADMIN_TOKEN_FILE = "admin.token"
+ADMIN_TOKEN_TTL = 365 * 24 * 3600
+
+
+class Role(enum.StrEnum):
+    """What a token's holder may do."""
+
+    USER = "user"
+    TMS = "tms"
+    PILOT = "pilot"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The verified caller of an RPC."""
+
+    subject: str
+    role: Role
+    # Scope of tms and pilot tokens: a cluster location, or a taskforce.
+    scope: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the caller may see and act on everything."""
+        return self.role is Role.ADMIN
+
+
+_current: contextvars.ContextVar[Principal] = contextvars.ContextVar("ewms_principal")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served (set by the WMS's auth interceptor)."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise Unauthenticated("no authenticated caller") from None
+
+
+def set_current_principal(principal: Principal) -> None:
+    """Bind the caller to the running RPC's context."""
+    _current.set(principal)
+
+
+def require_role(principal: Principal, *roles: Role) -> None:
+    """PERMISSION_DENIED unless the caller has one of these roles (admins always pass)."""
+    if principal.role not in roles and not principal.is_admin:
+        allowed = ", ".join(r.value for r in roles)
+        raise PermissionDenied(f"role {principal.role.value!r} may not do this (needs: {allowed})")
+
+
+class TokenAuthority:
+    """Mints and verifies tokens with one secret."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def mint(self, subject: str, role: Role, ttl_seconds: int, scope: str = "") -> str:
+        """A signed token for ``subject`` with ``role``, valid for ``ttl_seconds``."""
+        if not subject:
+            raise ValueError("subject must not be empty")
+        if ttl_seconds < 1:
+            raise ValueError("ttl must be at least one second")
+        now = int(time.time())
+        claims: dict[str, object] = {
+            "iss": ISSUER,
+            "sub": subject,
+            "role": role.value,
+            "iat": now,
+            "exp": now + ttl_seconds,
+        }
+        if scope:
+            claims["scope"] = scope
+        return jwt.encode(claims, self._secret, algorithm="HS256")
+
+    def verify(self, token: str) -> Principal:
+        """The principal of a valid token; UNAUTHENTICATED with the reason otherwise."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                issuer=ISSUER,
+                options={"require": ["exp", "sub", "iss"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("token signature is invalid (not signed by this WMS)") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"token lacks the {exc.claim!r} claim") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated(f"token issuer is not {ISSUER!r}") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"malformed token: {exc}") from None
+        try:
+            role = Role(claims.get("role", ""))
+        except ValueError:
+            raise Unauthenticated(f"token has unknown role {claims.get('role')!r}") from None
+        return Principal(subject=str(claims["sub"]), role=role, scope=str(claims.get("scope", "")))
+
+
+def _write_private(path: Path, content: str) -> None:
+    """Create ``path`` with mode 0600 atomically (never readable by others, even briefly)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content)
+    os.replace(tmp, path)
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The signing secret in ``data_dir``, created (0600) if missing."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SECRET_FILE
+    if not path.exists():
+        _write_private(path, secrets.token_hex(32) + "\n")
+    return path.read_text().strip().encode()
+
+
+def ensure_admin_token(data_dir: Path, authority: TokenAuthority) -> Path:
+    """Make sure ``data_dir`` holds a valid admin token (0600); (re)write it if missing, expired or
+    signed with another secret. Returns its path."""
+    path = data_dir / ADMIN_TOKEN_FILE
+    if path.exists():
+        try:
+            principal = authority.verify(path.read_text().strip())
+            if principal.is_admin:
+                return path
+        except Unauthenticated:
+            pass
+    _write_private(path, authority.mint("admin", Role.ADMIN, ADMIN_TOKEN_TTL) + "\n")
+    return path
+
+
+def read_admin_token(data_dir: Path) -> str | None:
+    """The local admin token, if this data directory has one."""
+    path = data_dir / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,137 @@
+"""Settings, read once from the environment (``EWMS_*``) into typed objects. Every variable is in
+the README's configuration table."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_WMS_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
+_LOCATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the variable and the rule."""
+
+
+def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """``EWMS_DATA_DIR``, else the user's data directory (e.g. ``~/.local/share/ewms``)."""
+    value = env.get("EWMS_DATA_DIR", "").strip()
+    return Path(value).expanduser() if value else Path(platformdirs.user_data_dir("ewms"))
+
+
+@dataclass(frozen=True)
+class ClusterLocations:
+    """Known cluster locations: canonical names, plus aliases that resolve to them."""
+
+    names: tuple[str, ...]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> ClusterLocations:
+        """Parse ``EWMS_CLUSTER_LOCATIONS``: comma-separated entries, each a name (``osg``) or an
+        alias pointing at a name (``sub-2=osg``). Default ``local``."""
+        names: list[str] = []
+        aliases: dict[str, str] = {}
+        for raw in text.split(","):
+            entry = raw.strip()
+            if not entry:
+                continue
+            alias, _, target = entry.partition("=")
+            alias, target = alias.strip(), target.strip()
+            for part in (alias, target) if target else (alias,):
+                if not _LOCATION_NAME.match(part):
+                    raise ConfigError(
+                        f"EWMS_CLUSTER_LOCATIONS: {part!r} is not a valid location name "
+                        "(letters, digits, '.', '_', '-')"
+                    )
+            if target:
+                aliases[alias] = target
+            elif alias not in names:
+                names.append(alias)
+        if not names:
+            raise ConfigError("EWMS_CLUSTER_LOCATIONS: at least one location name is required")
+        for alias, target in aliases.items():
+            if target not in names:
+                raise ConfigError(
+                    f"EWMS_CLUSTER_LOCATIONS: alias {alias!r} points at unknown location {target!r}"
+                )
+            if alias in names:
+                raise ConfigError(
+                    f"EWMS_CLUSTER_LOCATIONS: {alias!r} is both a location and an alias"
+                )
+        return cls(tuple(names), aliases)
+
+    def resolve(self, name: str) -> str | None:
+        """The canonical name of a location name or alias, or None if unknown."""
+        if name in self.names:
+            return name
+        return self.aliases.get(name)
+
+    def describe(self) -> str:
+        """Human list for error messages: ``local, osg (aliases: sub-2 → osg)``."""
+        text = ", ".join(self.names)
+        if self.aliases:
+            text += " (aliases: " + ", ".join(f"{a} → {t}" for a, t in self.aliases.items()) + ")"
+        return text
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class WmsSettings:
+    """Settings of the WMS process."""
+
+    data_dir: Path
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = DEFAULT_GRPC_PORT
+    cluster_locations: ClusterLocations = field(
+        default_factory=lambda: ClusterLocations(("local",))
+    )
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WmsSettings:
+        """Read every WMS setting from the environment."""
+        return cls(
+            data_dir=default_data_dir(env),
+            grpc_host=env.get("EWMS_GRPC_HOST", "").strip() or "127.0.0.1",
+            grpc_port=_int(env, "EWMS_GRPC_PORT", DEFAULT_GRPC_PORT, 0, 65535),
+            cluster_locations=ClusterLocations.parse(env.get("EWMS_CLUSTER_LOCATIONS", "local")),
+            log_level=env.get("EWMS_LOG_LEVEL", "").strip() or "INFO",
+        )
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Settings of a client (the CLI): where the WMS is and which token to present."""
+
+    wms_address: str = DEFAULT_WMS_ADDRESS
+    token: str = ""
+    data_dir: Path = field(default_factory=default_data_dir)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSettings:
+        """Read every client setting from the environment."""
+        return cls(
+            wms_address=env.get("EWMS_WMS_ADDRESS", "").strip() or DEFAULT_WMS_ADDRESS,
+            token=env.get("EWMS_TOKEN", "").strip(),
+            data_dir=default_data_dir(env),
+        )

@@ -1,0 +1,128 @@
+"""Server interceptor: verifies the bearer token of every RPC and checks the caller's role for the
+service. Health and reflection are open. The verified Principal is bound to the RPC's context, where
+servicers read it with ``services.auth.current_principal()``.
+
+It wraps the real handler's behaviour (same cardinality) and aborts from inside it, the pattern
+grpc.aio supports for every RPC kind.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from services.auth import Principal, Role, TokenAuthority, set_current_principal
+from services.errors import ApiError, PermissionDenied, Unauthenticated
+
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+# Which roles may call each service (admins may call everything).
+SERVICE_ROLES: dict[str, frozenset[Role]] = {
+    "ewms.v1.WorkflowService": frozenset({Role.USER}),
+    "ewms.v1.EventService": frozenset({Role.USER, Role.PILOT}),
+    "ewms.v1.TaskManagerService": frozenset({Role.TMS}),
+    "ewms.v1.PilotService": frozenset({Role.PILOT}),
+}
+
+Authorize = Callable[[grpc.aio.ServicerContext], Awaitable[None]]  # type: ignore[type-arg]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates and authorizes every RPC outside OPEN_SERVICES."""
+
+    def __init__(self, authority: TokenAuthority) -> None:
+        self._authority = authority
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").partition("/")[0]
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        roles = SERVICE_ROLES.get(service, frozenset())
+
+        async def authorize(context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+            try:
+                principal = self.authenticate(context.invocation_metadata() or ())
+                if principal.role not in roles and not principal.is_admin:
+                    allowed = ", ".join(sorted(r.value for r in roles)) or "admin"
+                    raise PermissionDenied(
+                        f"role {principal.role.value!r} may not call {service} (allowed: {allowed})"
+                    )
+            except ApiError as exc:
+                await context.abort_with_status(rpc_status.to_status(exc.to_status()))
+            set_current_principal(principal)
+
+        return _wrap(handler, authorize)
+
+    def authenticate(self, metadata: Any) -> Principal:
+        """The principal of the ``authorization: Bearer <token>`` metadata entry."""
+        for key, value in metadata:
+            if key == "authorization":
+                scheme, _, token = str(value).partition(" ")
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+                return self._authority.verify(token.strip())
+        raise Unauthenticated("missing bearer token in 'authorization' metadata")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMethodHandler:
+    """The same handler, with ``authorize`` run first inside each call."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            await authorize(context)
+            return await uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.stream_unary:
+        su = handler.stream_unary
+
+        async def stream_unary(request_iterator: Any, context: Any) -> Any:
+            await authorize(context)
+            return await su(request_iterator, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    if handler.unary_stream:
+        us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> Any:
+            await authorize(context)
+            async for item in _responses(us(request, context)):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    ss = handler.stream_stream
+
+    async def stream_stream(request_iterator: Any, context: Any) -> Any:
+        await authorize(context)
+        async for item in _responses(ss(request_iterator, context)):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
+async def _responses(result: Any) -> Any:
+    """Yield from an async-generator behaviour, or await one that writes with context.write()."""
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    else:
+        await result

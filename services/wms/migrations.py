@@ -1,0 +1,63 @@
+"""Schema versions of the WMS store, applied in order; ``PRAGMA user_version`` records the last one.
+
+Objects are stored as serialized protobuf messages (``body``) next to the columns that queries filter
+and sort on. Adding a proto field needs no migration; a new filter column does: append a step here,
+never edit a released one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "workflows, task directives, taskforces and queues",
+        """
+        CREATE TABLE workflows (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            workflow_id TEXT NOT NULL UNIQUE,
+            owner TEXT NOT NULL,
+            created REAL NOT NULL,
+            state INTEGER NOT NULL,
+            body BLOB NOT NULL
+        );
+        CREATE INDEX workflows_by_owner ON workflows (owner, seq);
+        CREATE INDEX workflows_by_created ON workflows (created);
+
+        CREATE TABLE task_directives (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT NOT NULL UNIQUE,
+            workflow_id TEXT NOT NULL REFERENCES workflows (workflow_id),
+            owner TEXT NOT NULL,
+            created REAL NOT NULL,
+            body BLOB NOT NULL
+        );
+        CREATE INDEX task_directives_by_workflow ON task_directives (workflow_id, seq);
+
+        CREATE TABLE taskforces (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            taskforce_uuid TEXT NOT NULL UNIQUE,
+            workflow_id TEXT NOT NULL REFERENCES workflows (workflow_id),
+            task_id TEXT NOT NULL REFERENCES task_directives (task_id),
+            owner TEXT NOT NULL,
+            created REAL NOT NULL,
+            cluster_location TEXT NOT NULL,
+            phase INTEGER NOT NULL,
+            priority INTEGER NOT NULL,
+            body BLOB NOT NULL
+        );
+        CREATE INDEX taskforces_by_workflow ON taskforces (workflow_id, seq);
+        CREATE INDEX taskforces_by_task ON taskforces (task_id, seq);
+        CREATE INDEX taskforces_by_location_phase ON taskforces (cluster_location, phase, priority);
+
+        CREATE TABLE queues (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue_id TEXT NOT NULL UNIQUE,
+            workflow_id TEXT NOT NULL REFERENCES workflows (workflow_id),
+            owner TEXT NOT NULL,
+            created REAL NOT NULL,
+            alias TEXT NOT NULL,
+            body BLOB NOT NULL,
+            UNIQUE (workflow_id, alias)
+        );
+        """,
+    ),
+]

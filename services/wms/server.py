@@ -1,0 +1,106 @@
+"""The WMS process: one grpc.aio server with the EWMS services, health and reflection, over the
+SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
+from services.auth import TokenAuthority, ensure_admin_token, load_or_create_secret
+from services.config import WmsSettings
+from services.wms.auth_interceptor import AuthInterceptor
+from services.wms.store import Store
+from services.wms.workflows import WorkflowService
+
+log = structlog.get_logger(__name__)
+
+SERVING_SERVICES = [
+    workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+]
+# Long-lived TMS and pilot streams: allow clients' keepalive pings (GRPC-PRACTICE.md).
+SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+
+@dataclass
+class RunningWms:
+    """A started WMS: its server, store and bound port."""
+
+    server: grpc.aio.Server
+    store: Store
+    port: int
+    authority: TokenAuthority
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>``: where local clients reach it."""
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop serving (in-flight RPCs get ``grace`` seconds), then close the store."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.store.close()
+
+
+async def start_wms(settings: WmsSettings) -> RunningWms:
+    """Open the store, create the auth secret and admin token if needed, and start serving."""
+    secret = load_or_create_secret(settings.data_dir)
+    authority = TokenAuthority(secret)
+    admin_token_path = ensure_admin_token(settings.data_dir, authority)
+    store = await Store.open(settings.data_dir)
+    try:
+        server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=SERVER_OPTIONS)
+        workflows = WorkflowService(store, settings.cluster_locations)
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(workflows, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [*SERVING_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            server,
+        )
+        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
+        workflows.queue_address = f"{settings.grpc_host}:{port}"
+        await server.start()
+    except BaseException:
+        await store.close()
+        raise
+    for name in ["", *SERVING_SERVICES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "wms listening",
+        grpc_host=settings.grpc_host,
+        grpc_port=port,
+        data_dir=str(settings.data_dir),
+        admin_token_file=str(admin_token_path),
+        cluster_locations=settings.cluster_locations.describe(),
+    )
+    return RunningWms(server, store, port, authority, health_servicer)
+
+
+async def serve(settings: WmsSettings) -> None:
+    """Run the WMS until SIGINT or SIGTERM, then stop gracefully."""
+    wms = await start_wms(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("wms stopping")
+    await wms.stop()
+    log.info("wms stopped")
