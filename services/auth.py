@@ -1,8 +1,8 @@
 """Bearer tokens: HS256 JWTs signed with the WMS's secret, carrying a subject and one role.
 
 Roles: ``user`` (owns workflows), ``tms`` (a task management service, scoped to a cluster location),
-``pilot`` (scoped to one taskforce), ``admin`` (everything). The WMS creates its signing secret and an
-admin token in its data directory on first start (mode 0600); ``ewms token create`` mints more.
+``pilot`` (scoped to one taskforce), ``admin`` (everything). The WMS creates its signing secret and
+an admin token in its data directory on first start (mode 0600); ``ewms token create`` mints more.
 """
 
 from __future__ import annotations

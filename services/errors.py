@@ -83,6 +83,12 @@ class PermissionDenied(ApiError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unimplemented(ApiError):
+    """The RPC is part of the contract but not served yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Unauthenticated(ApiError):
     """The caller presented no valid token."""
 

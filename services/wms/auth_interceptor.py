@@ -36,7 +36,7 @@ SERVICE_ROLES: dict[str, frozenset[Role]] = {
 Authorize = Callable[[grpc.aio.ServicerContext], Awaitable[None]]  # type: ignore[type-arg]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates and authorizes every RPC outside OPEN_SERVICES."""
 
     def __init__(self, authority: TokenAuthority) -> None:

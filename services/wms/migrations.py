@@ -1,8 +1,8 @@
 """Schema versions of the WMS store, applied in order; ``PRAGMA user_version`` records the last one.
 
-Objects are stored as serialized protobuf messages (``body``) next to the columns that queries filter
-and sort on. Adding a proto field needs no migration; a new filter column does: append a step here,
-never edit a released one.
+Objects are stored as serialized protobuf messages (``body``) next to the columns that queries
+filter and sort on. Adding a proto field needs no migration; a new filter column does: append a
+step here, never edit a released one.
 """
 
 from __future__ import annotations

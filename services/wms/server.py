@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -41,7 +42,7 @@ class RunningWms:
     store: Store
     port: int
     authority: TokenAuthority
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
 
     @property
     def address(self) -> str:
@@ -68,8 +69,11 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            [*SERVING_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *SERVING_SERVICES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             server,
         )
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")

@@ -1,8 +1,8 @@
 """The WMS's durable state: one SQLite database (WAL) in the data directory.
 
 All access goes through one dedicated thread, so the event loop never blocks on SQLite and every
-``Store.run`` call is one serialized transaction: domain code writes plain synchronous functions of a
-``Tx`` and gets atomicity for free.
+``Store.run`` call is one serialized transaction: domain code writes plain synchronous functions of
+a ``Tx`` and gets atomicity for free.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Table(Generic[M]):
 
 
 def _workflow_state(wf: workflow_pb2.Workflow) -> int:
-    # WorkflowState values: ACTIVE=1, ABORTED=2, FINISHED=3; Deactivation: none=0, ABORTED=1, FINISHED=2.
+    # Deactivation none/ABORTED/FINISHED (0/1/2) maps onto WorkflowState ACTIVE/ABORTED/FINISHED.
     return int(wf.deactivated) + 1
 
 
@@ -100,7 +100,9 @@ class Tx:
         cols["body"] = msg.SerializeToString()
         names = ", ".join(cols)
         marks = ", ".join("?" * len(cols))
-        self._conn.execute(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(cols.values()))
+        self._conn.execute(
+            f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(cols.values())
+        )
 
     def update(self, table: Table[M], msg: M) -> None:
         """Replace a stored object (its owner never changes)."""
@@ -160,7 +162,6 @@ class Store:
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
         """Open (creating and migrating as needed) the database in ``data_dir``."""
-        data_dir.mkdir(parents=True, exist_ok=True)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wms-store")
         loop = asyncio.get_running_loop()
         try:
@@ -196,6 +197,7 @@ class Store:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL: a commit is on disk before the RPC answers, so an acknowledged change survives a crash

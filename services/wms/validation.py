@@ -217,8 +217,9 @@ def _check_unique_paths(path: str, files: Iterable[str], v: Violations) -> None:
 
 
 def _validate_worker_config(path: str, wc: taskforce_pb2.WorkerConfig, v: Violations) -> None:
-    for field in ("do_transfer_worker_stdouterr", "max_worker_runtime", "n_cores", "priority"):
-        if not wc.HasField(field):
+    required = ("do_transfer_worker_stdouterr", "max_worker_runtime", "n_cores", "priority")
+    for field in required:
+        if not wc.HasField(field):  # type: ignore[arg-type]
             v.add(f"{path}.{field}", "required")
     if wc.HasField("max_worker_runtime") and wc.max_worker_runtime < 1:
         v.add(
@@ -229,7 +230,7 @@ def _validate_worker_config(path: str, wc: taskforce_pb2.WorkerConfig, v: Violat
         v.add(f"{path}.n_cores", f"must be at least 1 (got {wc.n_cores})")
     for field in ("worker_disk", "worker_memory"):
         value: struct_pb2.Value = getattr(wc, field)
-        kind = value.WhichOneof("kind") if wc.HasField(field) else None
+        kind = value.WhichOneof("kind") if wc.HasField(field) else None  # type: ignore[arg-type]
         if kind is None or kind == "null_value":
             v.add(f"{path}.{field}", "required")
             continue

@@ -1,12 +1,12 @@
 """WorkflowService: the workflow lifecycle. Each RPC checks the caller, validates, then runs one
-store transaction; ownership is enforced in the queries themselves (others' objects are NOT_FOUND)."""
+store transaction; ownership is enforced in the queries themselves (others' objects are
+NOT_FOUND)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-
-import grpc
 from google.protobuf import timestamp_pb2
 
 from ewms.v1 import (
@@ -19,8 +19,14 @@ from ewms.v1 import (
 from services import ids
 from services.auth import Principal, current_principal
 from services.config import ClusterLocations
-from services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from services.errors import grpc_errors
+from services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unimplemented,
+    grpc_errors,
+)
 from services.wms.pagination import page_of
 from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, WORKFLOWS, Store, Tx
 from services.wms.validation import (
@@ -30,7 +36,7 @@ from services.wms.validation import (
 )
 
 Phase = taskforce_pb2.TaskforcePhase
-Ctx = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Ctx = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
 # Phases a taskforce leaves for CANCELLED when deactivated: it was never submitted.
 NOT_YET_SUBMITTED = (
@@ -66,7 +72,11 @@ def log_phase(
 ) -> None:
     """Record a phase change attempt, and make it if it succeeded."""
     tf.phase_change_log.add(
-        target_phase=target, timestamp=when, was_successful=ok, source_entity=source, context=context
+        target_phase=target,
+        timestamp=when,
+        was_successful=ok,
+        source_entity=source,
+        context=context,
     )
     if ok:
         tf.phase = target
@@ -162,8 +172,9 @@ def deactivate(
     kind: workflow_pb2.Deactivation.ValueType,
     when: timestamp_pb2.Timestamp,
 ) -> workflow_service_pb2.DeactivateWorkflowResponse:
-    """Deactivate a workflow and stop its taskforces: submitted ones go to pending-stopper (their TMS
-    removes the cluster), never-submitted ones to cancelled, ending ones get a failed log entry."""
+    """Deactivate a workflow and stop its taskforces: submitted ones go to pending-stopper (their
+    TMS removes the cluster), never-submitted ones to cancelled, ending ones get a failed log
+    entry."""
     wf = tx.get(WORKFLOWS, workflow_id, owner)
     if wf is None:
         raise NotFound(f"workflow {workflow_id!r} not found")
@@ -271,9 +282,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
             conditions.append(("created < ?", request.created_before.ToNanoseconds() / 1e9))
         page = page_of(request.page_size, request.page_token, conditions)
         rows = await self._store.run(
-            lambda tx: tx.select(
-                WORKFLOWS, conditions, after_seq=page.after_seq, limit=page.size
-            ),
+            lambda tx: tx.select(WORKFLOWS, conditions, after_seq=page.after_seq, limit=page.size),
             write=False,
         )
         return workflow_service_pb2.ListWorkflowsResponse(
@@ -300,6 +309,15 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         owner = _owner_filter(current_principal())
         when = now_ts()
         return await self._store.run(lambda tx: deactivate(tx, workflow_id, owner, kind, when))
+
+    @grpc_errors
+    async def WatchWorkflow(
+        self, request: workflow_service_pb2.WatchWorkflowRequest, context: Ctx
+    ) -> Any:
+        # Change events come from the TMS and pilot streams, built with them; until then the RPC
+        # says so instead of streaming a snapshot that never changes.
+        raise Unimplemented("WatchWorkflow arrives with the TMS and pilot status streams")
+        yield  # pragma: no cover - makes this an async generator, as the RPC is server-streaming
 
     @grpc_errors
     async def GetTaskDirective(
@@ -368,7 +386,9 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
                 raise FailedPrecondition(
                     f"workflow {wf.workflow_id} is deactivated; no workers can be added"
                 )
-            siblings = [tf for _, tf in tx.select(TASKFORCES, [("workflow_id = ?", wf.workflow_id)])]
+            siblings = [
+                tf for _, tf in tx.select(TASKFORCES, [("workflow_id = ?", wf.workflow_id)])
+            ]
             template = next(tf for tf in siblings if tf.task_id == td.task_id)
             tf = taskforce_pb2.Taskforce(
                 taskforce_uuid=ids.taskforce_uuid(td.task_id),
@@ -478,5 +498,3 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         if owner is not None:
             conditions.append(("owner = ?", owner))
         return conditions
-
-
