@@ -281,7 +281,7 @@ async def start_wms(data_dir: Path) -> tuple[ServerProcess, int, str]:
     deadline = time.monotonic() + SERVER_START_DEADLINE_S
     server, port = await _start_server("WMS", argv, env, _wms_port, read_stdout=False)
     token_file = data_dir / "admin.token"
-    # The token is written before the server listens; the wait only covers a slow filesystem.
+    # The contract has the token in place once the server listens; the wait is only a margin.
     while not token_file.exists():
         if time.monotonic() > deadline or server.proc.returncode is not None:
             await server.stop()
@@ -637,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"error: call failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        return 130
     print(json.dumps(report, indent=2) if args.json else render_table(report))
     return 0
 
