@@ -1,7 +1,7 @@
 """Regenerate gen/ (importable as ewms.v1) from proto/ewms/v1/*.proto.
 
-One command: `python scripts/gen_protos.py`. CI runs it and fails if gen/ changes. The output depends
-on the pinned grpcio-tools and mypy-protobuf versions of the `test` extra.
+One command: `python scripts/gen_protos.py`. CI runs it and fails if gen/ changes. The output
+depends on the pinned grpcio-tools and mypy-protobuf versions of the `test` extra.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -99,5 +100,7 @@ def admin(token_for: Any) -> tuple[tuple[str, str], ...]:
 
 
 def buf_path() -> str | None:
-    """The buf CLI, if installed (it comes with the test extra)."""
-    return shutil.which("buf")
+    """The buf CLI, if installed (it comes with the test extra): on PATH, or next to this
+    interpreter (a virtual environment that is not activated)."""
+    beside = Path(sys.executable).parent / "buf"
+    return shutil.which("buf") or (str(beside) if beside.exists() else None)

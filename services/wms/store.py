@@ -158,6 +158,7 @@ class Store:
         self._conn = conn
         self._executor = executor
         self._tx = Tx(conn)
+        self._closed = False
 
     @classmethod
     async def open(cls, data_dir: Path) -> Store:
@@ -190,7 +191,10 @@ class Store:
         return result
 
     async def close(self) -> None:
-        """Close the database and its thread."""
+        """Close the database and its thread; closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
@@ -205,7 +209,11 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA busy_timeout = 5000")
-    migrate(conn)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
