@@ -28,7 +28,16 @@ from services.errors import (
     grpc_errors,
 )
 from services.wms.pagination import page_of
-from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, WORKFLOWS, Store, Tx
+from services.wms.store import (
+    QUEUES,
+    TASK_DIRECTIVES,
+    TASKFORCES,
+    WORKFLOWS,
+    M,
+    Store,
+    Table,
+    Tx,
+)
 from services.wms.validation import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_WORKFLOW_PRIORITY,
@@ -280,15 +289,10 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
             conditions.append(("created >= ?", request.created_after.ToNanoseconds() / 1e9))
         if request.HasField("created_before"):
             conditions.append(("created < ?", request.created_before.ToNanoseconds() / 1e9))
-        page = page_of(request.page_size, request.page_token, conditions)
-        rows = await self._store.run(
-            lambda tx: tx.select(WORKFLOWS, conditions, after_seq=page.after_seq, limit=page.size),
-            write=False,
+        items, token = await self._page(
+            WORKFLOWS, conditions, request.page_size, request.page_token
         )
-        return workflow_service_pb2.ListWorkflowsResponse(
-            workflows=[wf for _, wf in rows],
-            next_page_token=page.next_token(rows[-1][0] if rows else None, len(rows)),
-        )
+        return workflow_service_pb2.ListWorkflowsResponse(workflows=items, next_page_token=token)
 
     @grpc_errors
     async def AbortWorkflow(
@@ -337,16 +341,11 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self, request: workflow_service_pb2.ListTaskDirectivesRequest, context: Ctx
     ) -> workflow_service_pb2.ListTaskDirectivesResponse:
         conditions = self._visible(current_principal(), workflow_id=request.workflow_id)
-        page = page_of(request.page_size, request.page_token, conditions)
-        rows = await self._store.run(
-            lambda tx: tx.select(
-                TASK_DIRECTIVES, conditions, after_seq=page.after_seq, limit=page.size
-            ),
-            write=False,
+        items, token = await self._page(
+            TASK_DIRECTIVES, conditions, request.page_size, request.page_token
         )
         return workflow_service_pb2.ListTaskDirectivesResponse(
-            task_directives=[td for _, td in rows],
-            next_page_token=page.next_token(rows[-1][0] if rows else None, len(rows)),
+            task_directives=items, next_page_token=token
         )
 
     @grpc_errors
@@ -463,15 +462,10 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
             cluster_location=location,
             phase=int(request.phase),
         )
-        page = page_of(request.page_size, request.page_token, conditions)
-        rows = await self._store.run(
-            lambda tx: tx.select(TASKFORCES, conditions, after_seq=page.after_seq, limit=page.size),
-            write=False,
+        items, token = await self._page(
+            TASKFORCES, conditions, request.page_size, request.page_token
         )
-        return workflow_service_pb2.ListTaskforcesResponse(
-            taskforces=[tf for _, tf in rows],
-            next_page_token=page.next_token(rows[-1][0] if rows else None, len(rows)),
-        )
+        return workflow_service_pb2.ListTaskforcesResponse(taskforces=items, next_page_token=token)
 
     @grpc_errors
     async def ListQueues(
@@ -489,6 +483,17 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         if found is None:
             raise NotFound(f"workflow {request.workflow_id!r} not found")
         return workflow_service_pb2.ListQueuesResponse(queues=found)
+
+    async def _page(
+        self, table: Table[M], conditions: list[tuple[str, object]], page_size: int, token: str
+    ) -> tuple[list[M], str]:
+        """One page of a list: the objects matching ``conditions`` and the next page's token."""
+        page = page_of(page_size, token, conditions)
+        rows = await self._store.run(
+            lambda tx: tx.select(table, conditions, after_seq=page.after_seq, limit=page.size),
+            write=False,
+        )
+        return [m for _, m in rows], page.next_token(rows[-1][0] if rows else None, len(rows))
 
     @staticmethod
     def _visible(principal: Principal, **equal: str | int) -> list[tuple[str, object]]:
