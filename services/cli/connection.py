@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -13,6 +15,7 @@ from services.config import ClientSettings
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 RPC_TIMEOUT = 30.0
+T = TypeVar("T")
 
 
 def is_local(address: str) -> bool:
@@ -55,6 +58,10 @@ class Connection:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata: the bearer token, if any."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def call(self, method: Callable[..., T], request: object) -> T:
+        """Call a unary RPC of a stub with the caller's token and the CLI's deadline."""
+        return method(request, metadata=self.metadata, timeout=RPC_TIMEOUT)
 
     def close(self) -> None:
         """Close the channel."""

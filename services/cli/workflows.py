@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf import json_format, timestamp_pb2
 
 from ewms.v1 import queue_pb2, taskforce_pb2, workflow_pb2, workflow_service_pb2
-from services.cli.connection import RPC_TIMEOUT, Connection
+from services.cli.connection import Connection
 from services.cli.render import (
     enum_label,
     print_fields,
@@ -155,9 +155,7 @@ def read_request(path: str) -> WS.CreateWorkflowRequest:
 
 def submit(conn: Connection, args: Any) -> None:
     """ewms workflow submit FILE."""
-    resp = conn.workflows.CreateWorkflow(
-        read_request(args.file), metadata=conn.metadata, timeout=RPC_TIMEOUT
-    )
+    resp = conn.call(conn.workflows.CreateWorkflow, read_request(args.file))
     if args.json:
         print_json(resp)
         return
@@ -169,11 +167,7 @@ def submit(conn: Connection, args: Any) -> None:
 
 def get_workflow(conn: Connection, args: Any) -> None:
     """ewms workflow get ID."""
-    wf = conn.workflows.GetWorkflow(
-        WS.GetWorkflowRequest(workflow_id=args.workflow_id),
-        metadata=conn.metadata,
-        timeout=RPC_TIMEOUT,
-    )
+    wf = conn.call(conn.workflows.GetWorkflow, WS.GetWorkflowRequest(workflow_id=args.workflow_id))
     if args.json:
         print_json(wf)
         return
@@ -205,7 +199,7 @@ def list_workflows(conn: Connection, args: Any) -> None:
         req = WS.ListWorkflowsRequest()
         req.CopyFrom(base)
         req.page_token, req.page_size = token, size
-        resp = conn.workflows.ListWorkflows(req, metadata=conn.metadata, timeout=RPC_TIMEOUT)
+        resp = conn.call(conn.workflows.ListWorkflows, req)
         return list(resp.workflows), resp.next_page_token
 
     workflows = list(_pages(fetch, args))
@@ -221,16 +215,12 @@ def list_workflows(conn: Connection, args: Any) -> None:
 def deactivate_workflow(conn: Connection, args: Any) -> None:
     """ewms workflow abort|finish ID."""
     if args.kind == "abort":
-        resp = conn.workflows.AbortWorkflow(
-            WS.AbortWorkflowRequest(workflow_id=args.workflow_id),
-            metadata=conn.metadata,
-            timeout=RPC_TIMEOUT,
+        resp = conn.call(
+            conn.workflows.AbortWorkflow, WS.AbortWorkflowRequest(workflow_id=args.workflow_id)
         )
     else:
-        resp = conn.workflows.FinishWorkflow(
-            WS.FinishWorkflowRequest(workflow_id=args.workflow_id),
-            metadata=conn.metadata,
-            timeout=RPC_TIMEOUT,
+        resp = conn.call(
+            conn.workflows.FinishWorkflow, WS.FinishWorkflowRequest(workflow_id=args.workflow_id)
         )
     if args.json:
         print_json(resp)
@@ -240,10 +230,8 @@ def deactivate_workflow(conn: Connection, args: Any) -> None:
 
 def get_task(conn: Connection, args: Any) -> None:
     """ewms task get ID."""
-    td = conn.workflows.GetTaskDirective(
-        WS.GetTaskDirectiveRequest(task_id=args.task_id),
-        metadata=conn.metadata,
-        timeout=RPC_TIMEOUT,
+    td = conn.call(
+        conn.workflows.GetTaskDirective, WS.GetTaskDirectiveRequest(task_id=args.task_id)
     )
     if args.json:
         print_json(td)
@@ -267,12 +255,11 @@ def list_tasks(conn: Connection, args: Any) -> None:
     """ewms task list."""
 
     def fetch(token: str, size: int) -> tuple[list[Any], str]:
-        resp = conn.workflows.ListTaskDirectives(
+        resp = conn.call(
+            conn.workflows.ListTaskDirectives,
             WS.ListTaskDirectivesRequest(
                 workflow_id=args.workflow, page_size=size, page_token=token
             ),
-            metadata=conn.metadata,
-            timeout=RPC_TIMEOUT,
         )
         return list(resp.task_directives), resp.next_page_token
 
@@ -288,12 +275,11 @@ def list_tasks(conn: Connection, args: Any) -> None:
 
 def add_workers(conn: Connection, args: Any) -> None:
     """ewms task add-workers ID --location L --n-workers N."""
-    tf = conn.workflows.AddWorkers(
+    tf = conn.call(
+        conn.workflows.AddWorkers,
         WS.AddWorkersRequest(
             task_id=args.task_id, cluster_location=args.location, n_workers=args.n_workers
         ),
-        metadata=conn.metadata,
-        timeout=RPC_TIMEOUT,
     )
     if args.json:
         print_json(tf)
@@ -303,10 +289,8 @@ def add_workers(conn: Connection, args: Any) -> None:
 
 def get_taskforce(conn: Connection, args: Any) -> None:
     """ewms taskforce get UUID."""
-    tf = conn.workflows.GetTaskforce(
-        WS.GetTaskforceRequest(taskforce_uuid=args.taskforce_uuid),
-        metadata=conn.metadata,
-        timeout=RPC_TIMEOUT,
+    tf = conn.call(
+        conn.workflows.GetTaskforce, WS.GetTaskforceRequest(taskforce_uuid=args.taskforce_uuid)
     )
     if args.json:
         print_json(tf)
@@ -344,7 +328,8 @@ def list_taskforces(conn: Connection, args: Any) -> None:
     """ewms taskforce list."""
 
     def fetch(token: str, size: int) -> tuple[list[Any], str]:
-        resp = conn.workflows.ListTaskforces(
+        resp = conn.call(
+            conn.workflows.ListTaskforces,
             WS.ListTaskforcesRequest(
                 workflow_id=args.workflow,
                 task_id=args.task,
@@ -353,8 +338,6 @@ def list_taskforces(conn: Connection, args: Any) -> None:
                 page_size=size,
                 page_token=token,
             ),
-            metadata=conn.metadata,
-            timeout=RPC_TIMEOUT,
         )
         return list(resp.taskforces), resp.next_page_token
 
@@ -367,11 +350,7 @@ def list_taskforces(conn: Connection, args: Any) -> None:
 
 def list_queues(conn: Connection, args: Any) -> None:
     """ewms queue list WORKFLOW_ID."""
-    resp = conn.workflows.ListQueues(
-        WS.ListQueuesRequest(workflow_id=args.workflow_id),
-        metadata=conn.metadata,
-        timeout=RPC_TIMEOUT,
-    )
+    resp = conn.call(conn.workflows.ListQueues, WS.ListQueuesRequest(workflow_id=args.workflow_id))
     if args.json:
         print_json(list(resp.queues))
         return
