@@ -12,6 +12,11 @@ from pathlib import Path
 import platformdirs
 
 DEFAULT_GRPC_PORT = 50051
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
+DEFAULT_QUEUE_RETENTION = 7 * 24 * 3600
+QUEUE_BACKENDS = ("embedded", "rabbitmq")
 DEFAULT_WMS_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
 _LOCATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -106,11 +111,36 @@ class WmsSettings:
         default_factory=lambda: ClusterLocations(("local",))
     )
     log_level: str = "INFO"
+    # Where new workflows' queues live: "embedded" (the WMS's SQLite) or "rabbitmq".
+    queue_backend: str = "embedded"
+    # AMQP URL with the admin credentials and vhost, for the rabbitmq backend.
+    rabbitmq_url: str = DEFAULT_RABBITMQ_URL
+    # RabbitMQ management HTTP API with the admin credentials (creates per-workflow users).
+    rabbitmq_management_url: str = DEFAULT_RABBITMQ_MANAGEMENT_URL
+    # Largest event payload accepted; gRPC message limits are raised to match.
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    # Seconds after a workflow ends before its queues, events and credentials are deleted.
+    queue_retention_seconds: int = DEFAULT_QUEUE_RETENTION
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WmsSettings:
         """Read every WMS setting from the environment."""
+        backend = env.get("EWMS_QUEUE_BACKEND", "").strip() or "embedded"
+        if backend not in QUEUE_BACKENDS:
+            raise ConfigError(
+                f"EWMS_QUEUE_BACKEND must be one of {', '.join(QUEUE_BACKENDS)}, got {backend!r}"
+            )
         return cls(
+            queue_backend=backend,
+            rabbitmq_url=env.get("EWMS_RABBITMQ_URL", "").strip() or DEFAULT_RABBITMQ_URL,
+            rabbitmq_management_url=env.get("EWMS_RABBITMQ_MANAGEMENT_URL", "").strip()
+            or DEFAULT_RABBITMQ_MANAGEMENT_URL,
+            max_event_bytes=_int(
+                env, "EWMS_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES, 1024, 1024 * 1024 * 1024
+            ),
+            queue_retention_seconds=_int(
+                env, "EWMS_QUEUE_RETENTION", DEFAULT_QUEUE_RETENTION, 0, 10 * 365 * 24 * 3600
+            ),
             data_dir=default_data_dir(env),
             grpc_host=env.get("EWMS_GRPC_HOST", "").strip() or "127.0.0.1",
             grpc_port=_int(env, "EWMS_GRPC_PORT", DEFAULT_GRPC_PORT, 0, 65535),

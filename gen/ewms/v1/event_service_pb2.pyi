@@ -123,8 +123,9 @@ class SubscribeOpen(_message.Message):
     prefetch: _builtins.int
     """Maximum unacked deliveries out at once (>= 1)."""
     lease_seconds: _builtins.int
-    """Seconds a delivery may stay unacked before it is redelivered elsewhere; 0 for the server default.
-    Deliveries of a live stream are never taken back early; this bounds a silent, stuck consumer.
+    """0 (the default): deliveries stay with this subscriber as long as its stream is alive, however
+    long its tasks take, and are redelivered as soon as the stream ends. > 0: a delivery unacked for
+    this many seconds is also taken back and redelivered elsewhere (bounds a stuck consumer).
     """
     def __init__(
         self,
@@ -241,7 +242,7 @@ class SubscribeOpened(_message.Message):
     prefetch: _builtins.int
     """The prefetch in force."""
     lease_seconds: _builtins.int
-    """The lease in force, in seconds."""
+    """The lease in force, in seconds; 0 while the stream lives."""
     def __init__(
         self,
         *,

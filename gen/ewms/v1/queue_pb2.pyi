@@ -59,6 +59,7 @@ class Queue(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
+    DELETED_TS_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """Unique id, "Q-<workflow id without WF->-<8 hex>"; also the queue's name in its broker."""
     workflow_id: _builtins.str
@@ -83,6 +84,12 @@ class Queue(_message.Message):
     def stats(self) -> Global___QueueStats:
         """Live counters; filled when asked for."""
 
+    @_builtins.property
+    def deleted_ts(self) -> _timestamp_pb2.Timestamp:
+        """When the queue and its events were deleted, a retention period after the workflow ended;
+        unset while the queue exists.
+        """
+
     def __init__(
         self,
         *,
@@ -95,10 +102,11 @@ class Queue(_message.Message):
         max_attempts: _builtins.int = ...,
         credentials: Global___QueueCredentials | None = ...,
         stats: Global___QueueStats | None = ...,
+        deleted_ts: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "deleted_ts", b"deleted_ts", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alias", b"alias", "backend", b"backend", "credentials", b"credentials", "max_attempts", b"max_attempts", "public", b"public", "queue_id", b"queue_id", "stats", b"stats", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alias", b"alias", "backend", b"backend", "credentials", b"credentials", "deleted_ts", b"deleted_ts", "max_attempts", b"max_attempts", "public", b"public", "queue_id", b"queue_id", "stats", b"stats", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,7 +234,9 @@ class Event(_message.Message):
     """Which delivery of this event this is, starting at 1; 0 outside a delivery."""
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form headers set by the publisher."""
+        """Free-form headers set by the publisher. Names starting with "x-" are reserved for the broker
+        and EWMS.
+        """
 
     @_builtins.property
     def published_ts(self) -> _timestamp_pb2.Timestamp:
