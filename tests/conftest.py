@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +109,43 @@ def buf_path() -> str | None:
     interpreter (a virtual environment that is not activated)."""
     beside = Path(sys.executable).parent / "buf"
     return shutil.which("buf") or (str(beside) if beside.exists() else None)
+
+
+RABBITMQ_URL = os.environ.get("EWMS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+RABBITMQ_MANAGEMENT_URL = os.environ.get(
+    "EWMS_TEST_RABBITMQ_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672"
+)
+
+
+def _rabbitmq_problem() -> str | None:
+    """Why the test RabbitMQ cannot be used (None if it can): the AMQP port must accept connections
+    and the management API must answer."""
+    amqp = urllib.parse.urlsplit(RABBITMQ_URL)
+    try:
+        socket.create_connection((amqp.hostname or "127.0.0.1", amqp.port or 5672), 2).close()
+    except OSError as exc:
+        return f"no RabbitMQ broker at {amqp.hostname}:{amqp.port or 5672} ({exc})"
+    mgmt = urllib.parse.urlsplit(RABBITMQ_MANAGEMENT_URL)
+    request = urllib.request.Request(f"{mgmt.scheme}://{mgmt.hostname}:{mgmt.port}/api/overview")
+    creds = base64.b64encode(f"{mgmt.username}:{mgmt.password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {creds}")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            pass
+    except OSError as exc:
+        return (
+            f"RabbitMQ management API not reachable at {mgmt.hostname}:{mgmt.port} ({exc}); "
+            "run 'rabbitmq-plugins enable rabbitmq_management'"
+        )
+    return None
+
+
+def require_rabbitmq() -> None:
+    """Skip the calling test when no usable RabbitMQ is reachable -- or fail it when the
+    environment requires one (CI is set, as .ci/run does)."""
+    problem = _rabbitmq_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"RabbitMQ required (CI is set) but unusable: {problem}")
+    pytest.skip(f"needs RabbitMQ: {problem}")
