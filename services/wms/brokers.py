@@ -33,10 +33,8 @@ class Broker(Protocol):
         """Delete the workflow's queues, their events and credentials (idempotent)."""
         ...
 
-    async def publish(
-        self, queue: queue_pb2.Queue, events: Sequence[queue_pb2.Event]
-    ) -> list[str]:
-        """Store the events (ids already assigned, ``published_ts`` set) durably; returns their ids."""
+    async def publish(self, queue: queue_pb2.Queue, events: Sequence[queue_pb2.Event]) -> list[str]:
+        """Store the events (ids and ``published_ts`` already set) durably; returns their ids."""
         ...
 
     async def subscribe(

@@ -60,4 +60,28 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "the embedded broker's events and counters; queues' deletion time",
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            queue_id TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT NOT NULL DEFAULT '',
+            dead_ts REAL,
+            body BLOB NOT NULL
+        );
+        CREATE INDEX events_ready ON events (queue_id, seq) WHERE dead_ts IS NULL;
+        CREATE INDEX events_dead ON events (queue_id, seq) WHERE dead_ts IS NOT NULL;
+
+        ALTER TABLE queues ADD COLUMN deleted REAL;
+
+        CREATE TABLE queue_counters (
+            queue_id TEXT PRIMARY KEY,
+            published INTEGER NOT NULL DEFAULT 0,
+            acked INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 ]

@@ -13,10 +13,20 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
+from ewms.v1 import (
+    event_service_pb2,
+    event_service_pb2_grpc,
+    queue_pb2,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
 from services.auth import TokenAuthority, ensure_admin_token, load_or_create_secret
 from services.config import WmsSettings
 from services.wms.auth_interceptor import AuthInterceptor
+from services.wms.brokers import Broker
+from services.wms.embedded_broker import EmbeddedBroker
+from services.wms.events import EventService
+from services.wms.queues import BACKENDS, QueueManager, public_amqp_address
 from services.wms.store import Store
 from services.wms.workflows import WorkflowService
 
@@ -24,7 +34,10 @@ log = structlog.get_logger(__name__)
 
 SERVING_SERVICES = [
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 ]
+# gRPC messages may carry one event of the largest allowed size plus this much else.
+MESSAGE_OVERHEAD = 1024 * 1024
 # Long-lived TMS and pilot streams: allow clients' keepalive pings (GRPC-PRACTICE.md).
 SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
@@ -43,6 +56,7 @@ class RunningWms:
     port: int
     authority: TokenAuthority
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
+    queues: QueueManager
 
     @property
     def address(self) -> str:
@@ -53,6 +67,7 @@ class RunningWms:
         """Stop serving (in-flight RPCs get ``grace`` seconds), then close the store."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.queues.close()
         await self.store.close()
 
 
@@ -62,10 +77,30 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     authority = TokenAuthority(secret)
     admin_token_path = ensure_admin_token(settings.data_dir, authority)
     store = await Store.open(settings.data_dir)
+    queues: QueueManager | None = None
     try:
-        server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=SERVER_OPTIONS)
-        workflows = WorkflowService(store, settings.cluster_locations)
+        brokers: dict[queue_pb2.QueueBackend.ValueType, Broker] = {
+            queue_pb2.QUEUE_BACKEND_EMBEDDED: await EmbeddedBroker.open(store)
+        }
+        if settings.queue_backend == "rabbitmq":
+            from services.wms.rabbitmq_broker import RabbitBroker
+
+            brokers[queue_pb2.QUEUE_BACKEND_RABBITMQ] = await RabbitBroker.open(settings)
+        queues = QueueManager(
+            store, brokers, BACKENDS[settings.queue_backend], settings.queue_retention_seconds
+        )
+        limit = settings.max_event_bytes + MESSAGE_OVERHEAD
+        options = [
+            *SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+        server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=options)
+        workflows = WorkflowService(store, settings.cluster_locations, queues)
         workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(workflows, server)
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(
+            EventService(store, queues, settings.max_event_bytes), server
+        )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -79,9 +114,16 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         if port == 0:
             raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
-        workflows.queue_address = f"{settings.grpc_host}:{port}"
+        workflows.queue_address = (
+            public_amqp_address(settings.rabbitmq_url)
+            if settings.queue_backend == "rabbitmq"
+            else f"{settings.grpc_host}:{port}"
+        )
         await server.start()
+        queues.start()
     except BaseException:
+        if queues is not None:
+            await queues.close()
         await store.close()
         raise
     for name in ["", *SERVING_SERVICES]:
@@ -93,8 +135,9 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         data_dir=str(settings.data_dir),
         admin_token_file=str(admin_token_path),
         cluster_locations=settings.cluster_locations.describe(),
+        queue_backend=settings.queue_backend,
     )
-    return RunningWms(server, store, port, authority, health_servicer)
+    return RunningWms(server, store, port, authority, health_servicer, queues)
 
 
 async def serve(settings: WmsSettings) -> None:

@@ -84,7 +84,12 @@ QUEUES: Table[queue_pb2.Queue] = Table(
     "queues",
     "queue_id",
     queue_pb2.Queue,
-    lambda q: {"queue_id": q.queue_id, "workflow_id": q.workflow_id, "alias": q.alias},
+    lambda q: {
+        "queue_id": q.queue_id,
+        "workflow_id": q.workflow_id,
+        "alias": q.alias,
+        "deleted": q.deleted_ts.ToNanoseconds() / 1e9 if q.HasField("deleted_ts") else None,
+    },
 )
 
 
@@ -93,6 +98,11 @@ class Tx:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+
+    @property
+    def sql(self) -> sqlite3.Connection:
+        """The raw connection, for tables that are not message tables (the embedded broker's)."""
+        return self._conn
 
     def insert(self, table: Table[M], msg: M, *, owner: str, created: float = 0.0) -> None:
         """Insert a new object; ``owner`` is the owning workflow's owner."""

@@ -28,6 +28,7 @@ from services.errors import (
     grpc_errors,
 )
 from services.wms.pagination import page_of
+from services.wms.queues import QueueManager
 from services.wms.store import (
     QUEUES,
     TASK_DIRECTIVES,
@@ -222,11 +223,11 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self,
         store: Store,
         locations: ClusterLocations,
-        queue_backend: queue_pb2.QueueBackend.ValueType = queue_pb2.QUEUE_BACKEND_EMBEDDED,
+        queues: QueueManager,
     ) -> None:
         self._store = store
         self._locations = locations
-        self._queue_backend = queue_backend
+        self._queues = queues
         # Where clients reach embedded queues; set by the server once its port is bound.
         self.queue_address = ""
 
@@ -240,9 +241,11 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
             req,
             owner=principal.subject,
             when=now_ts(),
-            queue_backend=self._queue_backend,
+            queue_backend=self._queues.default_backend,
             queue_address=self.queue_address,
         )
+        # The broker's queues exist before the workflow does (creating them is idempotent).
+        await self._queues.provision(resp.workflow.workflow_id, resp.queues)
 
         def insert(tx: Tx) -> None:
             owner, created = principal.subject, resp.workflow.timestamp.ToNanoseconds() / 1e9
@@ -312,7 +315,9 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         _required(workflow_id=workflow_id)
         owner = _owner_filter(current_principal())
         when = now_ts()
-        return await self._store.run(lambda tx: deactivate(tx, workflow_id, owner, kind, when))
+        resp = await self._store.run(lambda tx: deactivate(tx, workflow_id, owner, kind, when))
+        self._queues.workflow_ended()
+        return resp
 
     @grpc_errors
     async def WatchWorkflow(

@@ -216,7 +216,14 @@ def test_migrate_brings_a_fresh_database_to_the_current_version(tmp_path: Path) 
 
         assert version == len(MIGRATIONS)
         assert user_version(conn) == len(MIGRATIONS)
-        assert tables(conn) == {"workflows", "task_directives", "taskforces", "queues"}
+        assert tables(conn) == {
+            "workflows",
+            "task_directives",
+            "taskforces",
+            "queues",
+            "events",
+            "queue_counters",
+        }
 
 
 def test_migrate_leaves_a_current_database_unchanged(tmp_path: Path) -> None:

@@ -1,0 +1,359 @@
+"""EventService: publish to and consume from a workflow's queues, whichever broker holds them.
+
+Checks here, for every backend: the queue exists (NOT_FOUND), the caller may use it
+(PERMISSION_DENIED: users their own workflows' queues, pilots their taskforce's queues), it was not
+deleted after retention (FAILED_PRECONDITION), publishing needs an active workflow
+(FAILED_PRECONDITION), and every field is valid (INVALID_ARGUMENT with field violations). Then the
+queue's broker does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+
+from ewms.v1 import (
+    event_service_pb2,
+    event_service_pb2_grpc,
+    queue_pb2,
+    workflow_pb2,
+)
+from services import ids
+from services.auth import Principal, Role, current_principal
+from services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    grpc_errors,
+)
+from services.events.client import RESERVED_HEADER_PREFIX
+from services.wms.brokers import UnknownAckId
+from services.wms.pagination import page_of
+from services.wms.queues import QueueManager
+from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, WORKFLOWS, Store, Tx
+
+log = structlog.get_logger(__name__)
+
+Ctx = Any  # grpc.aio.ServicerContext; grpc ships no type information
+MAX_PUBLISH_EVENTS = 10_000
+MAX_PREFETCH = 10_000
+MAX_LEASE_SECONDS = 7 * 24 * 3600
+DEFAULT_RECEIVE_LEASE = 60
+MAX_RECEIVE_EVENTS = 100
+MAX_WAIT_SECONDS = 60
+MAX_ACK_IDS = 10_000
+MAX_EVENT_ID_CHARS = 128
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def _required(**fields: str) -> None:
+    missing = [(name, "required") for name, value in fields.items() if not value]
+    if missing:
+        raise InvalidArgument(missing)
+
+
+class EventService(event_service_pb2_grpc.EventServiceServicer):
+    """Events in and out of queues, for users and pilots."""
+
+    def __init__(self, store: Store, queues: QueueManager, max_event_bytes: int) -> None:
+        self._store = store
+        self._queues = queues
+        self._max_event_bytes = max_event_bytes
+        # Queues a pilot token's taskforce may use, by taskforce uuid (they never change).
+        self._pilot_queues: dict[str, frozenset[str]] = {}
+
+    async def _resolve(
+        self, queue_id: str, principal: Principal
+    ) -> tuple[queue_pb2.Queue, workflow_pb2.Workflow]:
+        """The queue and its workflow, if the caller may use it."""
+        scope = principal.scope if principal.role is Role.PILOT else ""
+        known_pilot = scope in self._pilot_queues
+
+        def load(
+            tx: Tx,
+        ) -> tuple[queue_pb2.Queue | None, workflow_pb2.Workflow | None, frozenset[str] | None]:
+            queue = tx.get(QUEUES, queue_id)
+            if queue is None:
+                return None, None, None
+            wf = tx.get(WORKFLOWS, queue.workflow_id)
+            allowed = None
+            if scope and not known_pilot:
+                tf = tx.get(TASKFORCES, scope)
+                td = tx.get(TASK_DIRECTIVES, tf.task_id) if tf is not None else None
+                allowed = frozenset([*td.input_queues, *td.output_queues] if td is not None else [])
+            return queue, wf, allowed
+
+        queue, wf, allowed = await self._store.run(load, write=False)
+        if queue is None or wf is None:
+            raise NotFound(f"queue {queue_id!r} not found")
+        if allowed is not None:
+            self._pilot_queues[scope] = allowed
+        if principal.is_admin:
+            pass
+        elif principal.role is Role.USER:
+            if wf.owner != principal.subject:
+                raise PermissionDenied(
+                    f"queue {queue_id} belongs to another user's workflow; "
+                    f"{principal.subject!r} may not use it"
+                )
+        elif principal.role is Role.PILOT:
+            if queue_id not in self._pilot_queues.get(scope, frozenset()):
+                raise PermissionDenied(
+                    f"queue {queue_id} is not an input or output queue of taskforce {scope!r}"
+                )
+        else:
+            raise PermissionDenied(f"role {principal.role.value!r} may not use event queues")
+        if queue.HasField("deleted_ts"):
+            raise FailedPrecondition(
+                f"queue {queue_id} was deleted at {queue.deleted_ts.ToJsonString()}, a retention "
+                "period after its workflow ended"
+            )
+        return queue, wf
+
+    # --- publishing ---
+
+    @grpc_errors
+    async def Publish(
+        self, request: event_service_pb2.PublishRequest, context: Ctx
+    ) -> event_service_pb2.PublishResponse:
+        _required(queue_id=request.queue_id)
+        self._validate_events(request)
+        principal = current_principal()
+        queue, wf = await self._resolve(request.queue_id, principal)
+        if wf.deactivated:
+            state = workflow_pb2.Deactivation.Name(wf.deactivated).removeprefix("DEACTIVATION_")
+            raise FailedPrecondition(
+                f"workflow {wf.workflow_id} is deactivated ({state}); its queues take no new events"
+            )
+        now = time.time_ns()
+        events = list(request.events)
+        for event in events:
+            if not event.event_id:
+                event.event_id = ids.event_id()
+            event.queue_id = queue.queue_id
+            event.attempt = 0
+            if not event.HasField("published_ts"):
+                event.published_ts.FromNanoseconds(now)
+            if principal.role is Role.PILOT:
+                event.provenance.taskforce_uuid = principal.scope
+        event_ids = await self._queues.broker(queue).publish(queue, events)
+        return event_service_pb2.PublishResponse(event_ids=event_ids)
+
+    def _validate_events(self, request: event_service_pb2.PublishRequest) -> None:
+        violations: list[tuple[str, str]] = []
+        if not request.events:
+            violations.append(("events", "at least one event is required"))
+        if len(request.events) > MAX_PUBLISH_EVENTS:
+            violations.append(("events", f"at most {MAX_PUBLISH_EVENTS} events per call"))
+        for i, event in enumerate(request.events):
+            path = f"events[{i}]"
+            if len(event.payload) > self._max_event_bytes:
+                violations.append(
+                    (
+                        f"{path}.payload",
+                        f"is {len(event.payload)} bytes, over the limit of "
+                        f"{self._max_event_bytes} bytes (EWMS_MAX_EVENT_BYTES)",
+                    )
+                )
+            if len(event.event_id) > MAX_EVENT_ID_CHARS or not event.event_id.isprintable():
+                violations.append(
+                    (
+                        f"{path}.event_id",
+                        f"must be printable and at most {MAX_EVENT_ID_CHARS} chars",
+                    )
+                )
+            header_bytes = 0
+            for key, value in event.headers.items():
+                header_bytes += len(key) + len(value)
+                if not key:
+                    violations.append((f"{path}.headers", "header names must not be empty"))
+                elif key.lower().startswith(RESERVED_HEADER_PREFIX):
+                    violations.append(
+                        (
+                            f"{path}.headers[{key!r}]",
+                            f"names starting with {RESERVED_HEADER_PREFIX!r} are reserved",
+                        )
+                    )
+            if header_bytes > MAX_HEADER_BYTES:
+                violations.append((f"{path}.headers", f"at most {MAX_HEADER_BYTES} bytes in all"))
+            if len(event.content_type) > 255:
+                violations.append((f"{path}.content_type", "at most 255 characters"))
+        if violations:
+            raise InvalidArgument(violations)
+
+    # --- consuming ---
+
+    @grpc_errors
+    async def Subscribe(
+        self,
+        request_iterator: AsyncIterator[event_service_pb2.SubscribeRequest],
+        context: Ctx,
+    ) -> Any:
+        principal = current_principal()
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "open":
+            raise InvalidArgument([("open", "the first message must open the subscription")])
+        opened = first.open
+        violations: list[tuple[str, str]] = []
+        if not opened.queue_id:
+            violations.append(("open.queue_id", "required"))
+        if not 0 <= opened.prefetch <= MAX_PREFETCH:
+            violations.append(("open.prefetch", f"must be between 1 and {MAX_PREFETCH} (0: 1)"))
+        if not 0 <= opened.lease_seconds <= MAX_LEASE_SECONDS:
+            violations.append(
+                ("open.lease_seconds", f"must be between 0 and {MAX_LEASE_SECONDS} (0: none)")
+            )
+        if violations:
+            raise InvalidArgument(violations)
+        queue, _ = await self._resolve(opened.queue_id, principal)
+        prefetch = opened.prefetch or 1
+        sub = await self._queues.broker(queue).subscribe(queue, prefetch, opened.lease_seconds)
+        problem: list[InvalidArgument] = []
+
+        async def read_acks() -> None:
+            try:
+                async for req in requests:
+                    kind = req.WhichOneof("kind")
+                    if kind == "ack":
+                        await sub.ack(*(queue_pb2.Delivery(ack_id=a) for a in req.ack.ack_ids))
+                    elif kind == "nack":
+                        await sub.nack(
+                            queue_pb2.Delivery(ack_id=req.nack.ack_id),
+                            req.nack.error,
+                            dead_letter=req.nack.dead_letter,
+                        )
+                    else:
+                        problem.append(
+                            InvalidArgument([("open", "only the first message may open")])
+                        )
+                        break
+            except (asyncio.CancelledError, grpc.RpcError):
+                pass
+            finally:
+                await sub.close()
+
+        reader = asyncio.create_task(read_acks(), name=f"subscribe-acks-{queue.queue_id}")
+        try:
+            yield event_service_pb2.SubscribeResponse(
+                opened=event_service_pb2.SubscribeOpened(
+                    queue_id=queue.queue_id, prefetch=prefetch, lease_seconds=opened.lease_seconds
+                )
+            )
+            async for delivery in sub:
+                yield event_service_pb2.SubscribeResponse(delivery=delivery)
+            if problem:
+                raise problem[0]
+        finally:
+            reader.cancel()
+            await sub.close()
+
+    @grpc_errors
+    async def Receive(
+        self, request: event_service_pb2.ReceiveRequest, context: Ctx
+    ) -> event_service_pb2.ReceiveResponse:
+        violations: list[tuple[str, str]] = []
+        if not request.queue_id:
+            violations.append(("queue_id", "required"))
+        if not 0 <= request.max_events <= MAX_RECEIVE_EVENTS:
+            violations.append(("max_events", f"must be between 1 and {MAX_RECEIVE_EVENTS} (0: 1)"))
+        if not 0 <= request.lease_seconds <= MAX_LEASE_SECONDS:
+            violations.append(
+                (
+                    "lease_seconds",
+                    f"must be between 1 and {MAX_LEASE_SECONDS} (0: {DEFAULT_RECEIVE_LEASE})",
+                )
+            )
+        if not 0 <= request.wait_seconds <= MAX_WAIT_SECONDS:
+            violations.append(("wait_seconds", f"must be between 0 and {MAX_WAIT_SECONDS}"))
+        if violations:
+            raise InvalidArgument(violations)
+        queue, _ = await self._resolve(request.queue_id, current_principal())
+        deliveries = await self._queues.broker(queue).receive(
+            queue,
+            request.max_events or 1,
+            request.lease_seconds or DEFAULT_RECEIVE_LEASE,
+            float(request.wait_seconds),
+        )
+        return event_service_pb2.ReceiveResponse(deliveries=deliveries)
+
+    @grpc_errors
+    async def Ack(
+        self, request: event_service_pb2.AckRequest, context: Ctx
+    ) -> event_service_pb2.AckResponse:
+        violations: list[tuple[str, str]] = []
+        if not request.queue_id:
+            violations.append(("queue_id", "required"))
+        if not request.ack_ids:
+            violations.append(("ack_ids", "at least one ack id is required"))
+        if len(request.ack_ids) > MAX_ACK_IDS:
+            violations.append(("ack_ids", f"at most {MAX_ACK_IDS} per call"))
+        if violations:
+            raise InvalidArgument(violations)
+        queue, _ = await self._resolve(request.queue_id, current_principal())
+        expired = await self._queues.broker(queue).ack(queue, list(request.ack_ids))
+        return event_service_pb2.AckResponse(expired_ack_ids=expired)
+
+    @grpc_errors
+    async def Nack(
+        self, request: event_service_pb2.NackRequest, context: Ctx
+    ) -> event_service_pb2.NackResponse:
+        _required(queue_id=request.queue_id, ack_id=request.ack_id)
+        queue, _ = await self._resolve(request.queue_id, current_principal())
+        try:
+            dead = await self._queues.broker(queue).nack(
+                queue, request.ack_id, request.error, request.dead_letter
+            )
+        except UnknownAckId:
+            raise FailedPrecondition(
+                f"ack id {request.ack_id!r} is not out: its lease expired, it was already acked "
+                "or nacked, or it was handed out before the WMS restarted"
+            ) from None
+        return event_service_pb2.NackResponse(dead_lettered=dead)
+
+    # --- inspection ---
+
+    @grpc_errors
+    async def GetQueueStats(
+        self, request: event_service_pb2.GetQueueStatsRequest, context: Ctx
+    ) -> queue_pb2.QueueStats:
+        _required(queue_id=request.queue_id)
+        queue, _ = await self._resolve(request.queue_id, current_principal())
+        return await self._queues.broker(queue).stats(queue)
+
+    @grpc_errors
+    async def ListDeadLetters(
+        self, request: event_service_pb2.ListDeadLettersRequest, context: Ctx
+    ) -> event_service_pb2.ListDeadLettersResponse:
+        _required(queue_id=request.queue_id)
+        page = page_of(request.page_size, request.page_token, request.queue_id)
+        queue, _ = await self._resolve(request.queue_id, current_principal())
+        letters, after = await self._queues.broker(queue).dead_letters(
+            queue, page.after_seq, page.size
+        )
+        token = page.next_token(after, page.size) if after is not None else ""
+        return event_service_pb2.ListDeadLettersResponse(
+            dead_letters=letters, next_page_token=token
+        )
+
+    @grpc_errors
+    async def RedriveDeadLetters(
+        self, request: event_service_pb2.RedriveDeadLettersRequest, context: Ctx
+    ) -> event_service_pb2.RedriveDeadLettersResponse:
+        _required(queue_id=request.queue_id)
+        queue, wf = await self._resolve(request.queue_id, current_principal())
+        if wf.deactivated:
+            raise FailedPrecondition(
+                f"workflow {wf.workflow_id} is deactivated; its dead letters cannot be re-driven"
+            )
+        n = await self._queues.broker(queue).redrive(queue, list(request.event_ids))
+        return event_service_pb2.RedriveDeadLettersResponse(n_redriven=n)
