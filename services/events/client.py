@@ -15,8 +15,8 @@ delivery's attempt number (1 on first delivery) and ``delivery.ack_id`` names it
   stored, and re-publishing may duplicate -- at-least-once).
 - a subscription never holds more unacked deliveries than its prefetch; closing it, or the process
   dying, hands its unacked deliveries back to the queue at once.
-- ``nack`` requeues; at the queue's ``max_attempts`` (or with ``dead_letter=True``) the event goes to
-  the queue's dead-letter queue with the error text.
+- ``nack`` requeues; at the queue's ``max_attempts`` (or with ``dead_letter=True``) the event
+  goes to the queue's dead-letter queue with the error text.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """How an :class:`ewms.v1.queue_pb2.Event` travels as an AMQP message in a RabbitMQ queue.
 
-Every RabbitMQ client of EWMS queues (the WMS's proxy, pilots, ``AmqpQueueClient``) uses these names,
-so an event published one way can be consumed another.
+Every RabbitMQ client of EWMS queues (the WMS's proxy, pilots, ``AmqpQueueClient``) uses these
+names, so an event published one way can be consumed another.
 
 - body: the payload bytes, untouched;
-- ``message_id``: the event id; ``content_type``: the content type; ``delivery_mode`` 2 (persistent);
+- ``message_id``: the event id; ``content_type``: the content type; ``delivery_mode`` 2;
 - ``timestamp``: publish time in whole seconds, and header ``x-ewms-published-ns`` in nanoseconds;
 - headers: the event's own headers, plus ``x-ewms-taskforce``, ``x-ewms-worker`` and
   ``x-ewms-input-event`` for provenance;
@@ -44,9 +44,9 @@ def workflow_part(queue_id: str) -> str:
 
 def workflow_exchange(queue_id: str) -> str:
     """The workflow's direct exchange, ``E-<workflow part>``: every publish into the workflow's
-    queues (routing key = queue id) and every dead letter (routing key = dead-letter queue name) goes
-    through it. Publishing through the default exchange is not allowed to workflow users: RabbitMQ
-    checks write permission on the exchange only, so the default exchange would reach every queue."""
+    queues (routing key = queue id) and every dead letter (routing key = dead-letter queue name)
+    goes through it. Workflow users may not publish through the default exchange: RabbitMQ checks
+    write permission on the exchange only, so the default exchange would reach every queue."""
     return f"E-{workflow_part(queue_id)}"
 
 
