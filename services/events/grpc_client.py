@@ -1,0 +1,273 @@
+"""``GrpcQueueClient``: event queues through the WMS's ``EventService`` (any backend).
+
+Publishing splits large batches so every call stays under the gRPC message limit. A subscription is
+one ``Subscribe`` stream: acks made in the same event-loop turn travel together in one message, and
+closing the stream (or the process dying) hands unacked deliveries back to the queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from ewms.v1 import event_service_pb2, event_service_pb2_grpc, queue_pb2
+from services.events.client import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EventTooLarge,
+    QueueAccessDenied,
+    QueueError,
+    QueueNotFound,
+)
+
+# A publish call carries at most this many payload bytes or events (beyond one large event).
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_EVENTS = 1000
+MESSAGE_OVERHEAD = 1024 * 1024
+# Long-lived streams: keepalive pings so a dead WMS or network is noticed (GRPC-PRACTICE.md).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def channel_options(max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> list[tuple[str, int]]:
+    """Channel options for event traffic: keepalive and message limits fitting one event."""
+    limit = max_event_bytes + MESSAGE_OVERHEAD
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ]
+
+
+def queue_error(exc: grpc.aio.AioRpcError, queue_id: str) -> QueueError:
+    """The client exception for a failed call."""
+    code = exc.code()
+    text = f"{queue_id}: {exc.details()}"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return QueueAccessDenied(text)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return QueueNotFound(text)
+    return QueueError(f"{text} ({code.name})")
+
+
+class GrpcSubscription:
+    """A ``Subscribe`` stream (implements ``services.events.client.Subscription``)."""
+
+    def __init__(self, call: Any, queue_id: str, prefetch: int) -> None:
+        self._call = call
+        self._queue_id = queue_id
+        self._prefetch = prefetch
+        self._acks: list[str] = []
+        self._outgoing: asyncio.Queue[event_service_pb2.SubscribeRequest | None] = asyncio.Queue()
+        self._sender = asyncio.create_task(self._send(), name=f"subscribe-send-{queue_id}")
+        self._flush_scheduled = False
+        self._closed = False
+
+    @property
+    def prefetch(self) -> int:
+        """Maximum unacked deliveries held at once."""
+        return self._prefetch
+
+    async def __aiter__(self) -> AsyncIterator[queue_pb2.Delivery]:
+        while True:
+            try:
+                resp = await self._call.read()
+            except grpc.aio.AioRpcError as exc:
+                if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                raise queue_error(exc, self._queue_id) from exc
+            except asyncio.CancelledError:
+                if self._closed:
+                    return
+                raise
+            if resp is grpc.aio.EOF:
+                return
+            if resp.WhichOneof("kind") == "delivery":
+                yield resp.delivery
+
+    async def ack(self, *deliveries: queue_pb2.Delivery) -> None:
+        """Ack; acks of one loop turn go in one message."""
+        self._acks.extend(d.ack_id for d in deliveries)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._flush_scheduled = False
+        if self._acks:
+            ids, self._acks = self._acks, []
+            self._outgoing.put_nowait(
+                event_service_pb2.SubscribeRequest(ack=event_service_pb2.SubscribeAck(ack_ids=ids))
+            )
+
+    async def nack(
+        self, delivery: queue_pb2.Delivery, error: str, *, dead_letter: bool = False
+    ) -> None:
+        """Nack: requeue, or dead-letter at once or at the last attempt."""
+        self._flush_acks()
+        self._outgoing.put_nowait(
+            event_service_pb2.SubscribeRequest(
+                nack=event_service_pb2.SubscribeNack(
+                    ack_id=delivery.ack_id, error=error, dead_letter=dead_letter
+                )
+            )
+        )
+
+    async def _send(self) -> None:
+        while True:
+            req = await self._outgoing.get()
+            if req is None:
+                return
+            await self._call.write(req)
+
+    async def close(self) -> None:
+        """Send pending acks, end the stream; unacked deliveries go back to the queue."""
+        if self._closed:
+            return
+        self._flush_acks()
+        self._closed = True
+        self._outgoing.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._sender, 10)
+            await self._call.done_writing()
+            # The server ends the stream once it has released what this subscriber held.
+            while await asyncio.wait_for(self._call.read(), 10) is not grpc.aio.EOF:
+                pass
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError):
+            pass
+        finally:
+            self._sender.cancel()
+            self._call.cancel()
+
+    async def __aenter__(self) -> GrpcSubscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class GrpcQueueClient:
+    """Event queues through ``EventService`` (implements ``services.events.client.QueueClient``)."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        token: str,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        timeout: float = 60.0,
+        own_channel: bool = False,
+    ) -> None:
+        self._channel = channel
+        self._stub = event_service_pb2_grpc.EventServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._max_event_bytes = max_event_bytes
+        self._timeout = timeout
+        self._own_channel = own_channel
+
+    @classmethod
+    def connect(
+        cls, address: str, token: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    ) -> GrpcQueueClient:
+        """A client with its own channel to the WMS at ``address``."""
+        channel = grpc.aio.insecure_channel(address, options=channel_options(max_event_bytes))
+        return cls(channel, token, max_event_bytes=max_event_bytes, own_channel=True)
+
+    @property
+    def stub(self) -> event_service_pb2_grpc.EventServiceStub:
+        """The raw stub, for the RPCs without a wrapper here."""
+        return self._stub
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the token."""
+        return self._metadata
+
+    async def publish(self, queue_id: str, events: Sequence[queue_pb2.Event]) -> list[str]:
+        """Publish in batches that fit the message limit; returns all event ids in order."""
+        for i, event in enumerate(events):
+            if len(event.payload) > self._max_event_bytes:
+                raise EventTooLarge(
+                    f"event {i} of {queue_id}: payload is {len(event.payload)} bytes, over the "
+                    f"limit of {self._max_event_bytes} bytes"
+                )
+        ids: list[str] = []
+        batch: list[queue_pb2.Event] = []
+        size = 0
+        for event in events:
+            if batch and (size + len(event.payload) > BATCH_BYTES or len(batch) >= BATCH_EVENTS):
+                ids += await self._publish(queue_id, batch)
+                batch, size = [], 0
+            batch.append(event)
+            size += len(event.payload)
+        if batch:
+            ids += await self._publish(queue_id, batch)
+        return ids
+
+    async def _publish(self, queue_id: str, events: list[queue_pb2.Event]) -> list[str]:
+        try:
+            resp = await self._stub.Publish(
+                event_service_pb2.PublishRequest(queue_id=queue_id, events=events),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "payload" in (
+                exc.details() or ""
+            ):
+                raise EventTooLarge(f"{queue_id}: {exc.details()}") from exc
+            raise queue_error(exc, queue_id) from exc
+        return list(resp.event_ids)
+
+    async def subscribe(
+        self, queue_id: str, prefetch: int, *, lease_seconds: int = 0
+    ) -> GrpcSubscription:
+        """Open a ``Subscribe`` stream; returns once the WMS confirmed it."""
+        call = self._stub.Subscribe(metadata=self._metadata)
+        await call.write(
+            event_service_pb2.SubscribeRequest(
+                open=event_service_pb2.SubscribeOpen(
+                    queue_id=queue_id, prefetch=prefetch, lease_seconds=lease_seconds
+                )
+            )
+        )
+        try:
+            first = await asyncio.wait_for(call.read(), self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise queue_error(exc, queue_id) from exc
+        except TimeoutError:
+            call.cancel()
+            raise QueueError(f"{queue_id}: the WMS did not confirm the subscription") from None
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "opened":
+            call.cancel()
+            raise QueueError(f"{queue_id}: the WMS did not confirm the subscription")
+        return GrpcSubscription(call, queue_id, first.opened.prefetch)
+
+    async def stats(self, queue_id: str) -> queue_pb2.QueueStats:
+        """The queue's counters."""
+        try:
+            stats: queue_pb2.QueueStats = await self._stub.GetQueueStats(
+                event_service_pb2.GetQueueStatsRequest(queue_id=queue_id),
+                metadata=self._metadata,
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise queue_error(exc, queue_id) from exc
+        return stats
+
+    async def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._own_channel:
+            await self._channel.close()

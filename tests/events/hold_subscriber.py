@@ -1,0 +1,25 @@
+"""A subscriber process for the kill -9 test: subscribes through the WMS, prints one JSON line per
+delivery (event id, attempt) and never acks, until it is killed.
+
+Usage: python -m tests.events.hold_subscriber ADDRESS TOKEN QUEUE_ID PREFETCH
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from services.events.grpc_client import GrpcQueueClient
+
+
+async def main(address: str, token: str, queue_id: str, prefetch: int) -> None:
+    client = GrpcQueueClient.connect(address, token)
+    sub = await client.subscribe(queue_id, prefetch)
+    async for delivery in sub:
+        line = {"event_id": delivery.event.event_id, "attempt": delivery.event.attempt}
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
