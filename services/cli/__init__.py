@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from services.cli import serve, tokens, workflows
+from services.cli import events, serve, tokens, workflows
 from services.cli.connection import Connection, resolve_token
 from services.config import ClientSettings, ConfigError
 from services.errors import field_violations
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_commands(sub, common)
     workflows.add_commands(sub, common)
+    events.add_commands(sub, common)
     tokens.add_commands(sub, common)
     return parser
 
@@ -68,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except workflows.UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except events.CommandError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        for line in exc.details:
+            print(f"  {line}", file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
