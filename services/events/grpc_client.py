@@ -89,8 +89,12 @@ class GrpcSubscription:
                 raise
             if resp is grpc.aio.EOF:
                 return
-            if resp.WhichOneof("kind") == "delivery":
+            kind = resp.WhichOneof("kind")
+            if kind == "delivery":
                 yield resp.delivery
+            elif kind == "batch":
+                for delivery in resp.batch.deliveries:
+                    yield delivery
 
     async def ack(self, *deliveries: queue_pb2.Delivery) -> None:
         """Ack; acks of one loop turn go in one message."""

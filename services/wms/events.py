@@ -249,8 +249,16 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                     queue_id=queue.queue_id, prefetch=prefetch, lease_seconds=opened.lease_seconds
                 )
             )
+            # Deliveries ready together go in one message (a backend's subscription may offer
+            # ``take_ready`` for that); a lone one goes as it is.
+            take_ready = getattr(sub, "take_ready", None)
             async for delivery in sub:
-                yield event_service_pb2.SubscribeResponse(delivery=delivery)
+                more = take_ready() if take_ready is not None else []
+                if more:
+                    batch = event_service_pb2.DeliveryBatch(deliveries=[delivery, *more])
+                    yield event_service_pb2.SubscribeResponse(batch=batch)
+                else:
+                    yield event_service_pb2.SubscribeResponse(delivery=delivery)
             if problem:
                 raise problem[0]
         finally:
