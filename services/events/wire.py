@@ -50,6 +50,11 @@ def workflow_exchange(queue_id: str) -> str:
     return f"E-{workflow_part(queue_id)}"
 
 
+def workflow_exchange_of(workflow_id: str) -> str:
+    """The exchange of workflow ``WF-<part>``: :func:`workflow_exchange` of any of its queues."""
+    return f"E-{workflow_id.removeprefix('WF-')}"
+
+
 def workflow_username(workflow_id: str) -> str:
     """The RabbitMQ user of a workflow's credentials."""
     return f"ewms-{workflow_id}"
