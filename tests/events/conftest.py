@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from ewms.v1 import (
 )
 from services.auth import Role
 from services.config import WmsSettings
+from services.events.amqp import AmqpQueueClient
+from services.events.client import QueueClient
 from services.events.grpc_client import GrpcQueueClient, channel_options
 from services.wms import RunningWms, start_wms
 from tests.conftest import (
@@ -77,6 +79,9 @@ class QueueEnv:
     workflow: workflow_service_pb2.CreateWorkflowResponse
     alice_token: str
     bob_token: str
+    # "grpc": through EventService; "amqp": straight to RabbitMQ with the workflow's credentials.
+    kind: str = "grpc"
+    opened: list[Any] = field(default_factory=list)
 
     @property
     def alice(self) -> tuple[tuple[str, str], ...]:
@@ -97,6 +102,18 @@ class QueueEnv:
         return GrpcQueueClient(
             self.channel, token or self.alice_token, max_event_bytes=MAX_EVENT_BYTES
         )
+
+    async def queue_client(self) -> QueueClient:
+        """alice's client of the kind under test: gRPC, or AMQP with her workflow's credentials."""
+        if self.kind == "grpc":
+            return self.client()
+        client = await AmqpQueueClient.connect(
+            amqp_url(self.workflow.queues[0]),
+            max_attempts={q.queue_id: q.max_attempts for q in self.workflow.queues},
+            max_event_bytes=MAX_EVENT_BYTES,
+        )
+        self.opened.append(client)
+        return client
 
     async def create_workflow(self, token: str) -> workflow_service_pb2.CreateWorkflowResponse:
         """Another workflow with queues "in" and "out", owned by the token's subject."""
@@ -131,8 +148,16 @@ async def open_env(backend: str, data_dir: Path, **overrides: Any) -> QueueEnv:
     return env
 
 
+def amqp_url(queue: queue_pb2.Queue) -> str:
+    """The AMQP URL of a RabbitMQ-backed queue with its workflow's credentials."""
+    creds = f"{queue.credentials.username}:{queue.credentials.password}@"
+    return queue.address.replace("://", f"://{creds}", 1)
+
+
 async def close_env(env: QueueEnv, *, delete_queues: bool = True) -> None:
     """Stop the WMS (deleting the test's RabbitMQ queues and users first)."""
+    for client in env.opened:
+        await client.close()
     await env.channel.close()
     if delete_queues and env.backend == "rabbitmq":
         broker = env.wms.queues.broker(env.workflow.queues[0])
@@ -155,6 +180,21 @@ async def close_env(env: QueueEnv, *, delete_queues: bool = True) -> None:
 async def env(backend: str, tmp_path: Path) -> AsyncIterator[QueueEnv]:
     """A WMS on the backend under test with alice's workflow."""
     opened = await open_env(backend, tmp_path / "wms-data")
+    try:
+        yield opened
+    finally:
+        await close_env(opened)
+
+
+@pytest.fixture(params=["embedded", "rabbitmq", "rabbitmq-amqp"])
+async def client_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueEnv]:
+    """Like ``env``, and for RabbitMQ also with alice's client talking AMQP directly (as pilots
+    do): the tests of publishing and consuming run through every kind of client."""
+    backend, _, kind = str(request.param).partition("-")
+    if backend == "rabbitmq":
+        require_rabbitmq()
+    opened = await open_env(backend, tmp_path / "wms-data")
+    opened.kind = kind or "grpc"
     try:
         yield opened
     finally:

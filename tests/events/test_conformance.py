@@ -17,11 +17,13 @@ import pytest
 
 from ewms.v1 import event_service_pb2, queue_pb2, workflow_service_pb2
 from services.errors import field_violations
+from services.events.amqp import AmqpQueueClient
 from services.events.client import EventTooLarge, QueueAccessDenied, QueueNotFound, Subscription
 from tests.events.conftest import (
     MAX_ATTEMPTS,
     MAX_EVENT_BYTES,
     QueueEnv,
+    amqp_url,
     close_env,
     open_env,
     subscriber_env,
@@ -98,8 +100,9 @@ async def receive_all(env: QueueEnv, queue_id: str, n: int) -> list[queue_pb2.De
 # --- delivery ---------------------------------------------------------------------------------
 
 
-async def test_every_event_is_delivered_once_across_two_subscribers(env: QueueEnv) -> None:
-    client = env.client()
+async def test_every_event_is_delivered_once_across_two_subscribers(client_env: QueueEnv) -> None:
+    env = client_env
+    client = await env.queue_client()
     queue_id = env.queue("in").queue_id
     events = make_events(400)
     event_ids = await client.publish(queue_id, events)
@@ -156,8 +159,9 @@ async def test_publisher_chosen_event_ids_and_provenance_are_kept(env: QueueEnv)
     assert delivery.event.provenance == event.provenance
 
 
-async def test_prefetch_bounds_unacked_deliveries(env: QueueEnv) -> None:
-    client = env.client()
+async def test_prefetch_bounds_unacked_deliveries(client_env: QueueEnv) -> None:
+    env = client_env
+    client = await env.queue_client()
     queue_id = env.queue("in").queue_id
     await client.publish(queue_id, make_events(10))
     sub = await client.subscribe(queue_id, 3)
@@ -177,16 +181,18 @@ async def test_prefetch_bounds_unacked_deliveries(env: QueueEnv) -> None:
 
 
 async def test_subscriber_killed_with_sigkill_gets_its_events_redelivered(
-    env: QueueEnv, tmp_path: Path
+    client_env: QueueEnv, tmp_path: Path
 ) -> None:
-    client = env.client()
+    env = client_env
+    client = await env.queue_client()
     queue_id = env.queue("in").queue_id
     event_ids = await client.publish(queue_id, make_events(5))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.events.hold_subscriber",
-        env.wms.address,
+        env.kind,
+        amqp_url(env.queue("in")) if env.kind == "amqp" else env.wms.address,
         env.alice_token,
         queue_id,
         "5",
@@ -215,8 +221,9 @@ async def test_subscriber_killed_with_sigkill_gets_its_events_redelivered(
     assert time.monotonic() - started < 30
 
 
-async def test_closing_a_subscription_requeues_its_unacked_deliveries(env: QueueEnv) -> None:
-    client = env.client()
+async def test_closing_a_subscription_requeues_its_unacked_deliveries(client_env: QueueEnv) -> None:
+    env = client_env
+    client = await env.queue_client()
     queue_id = env.queue("in").queue_id
     await client.publish(queue_id, make_events(3))
     sub = await client.subscribe(queue_id, 3)
@@ -232,9 +239,10 @@ async def test_closing_a_subscription_requeues_its_unacked_deliveries(env: Queue
 
 
 async def test_nack_requeues_then_dead_letters_at_max_attempts_with_the_error(
-    env: QueueEnv,
+    client_env: QueueEnv,
 ) -> None:
-    client = env.client()
+    env = client_env
+    client = await env.queue_client()
     queue_id = env.queue("in").queue_id
     assert env.queue("in").max_attempts == MAX_ATTEMPTS
     [event_id] = await client.publish(queue_id, make_events(1))
@@ -535,3 +543,28 @@ async def test_queues_are_deleted_a_retention_period_after_the_workflow_ended(
             assert rows == 0
     finally:
         await close_env(env, delete_queues=False)
+
+
+async def test_workflow_broker_credentials_reach_only_that_workflows_queues(env: QueueEnv) -> None:
+    bobs = await env.create_workflow(env.bob_token)
+    if env.backend == "embedded":
+        # No broker credentials exist: the WMS token (checked above) is the only key.
+        assert not any(q.HasField("credentials") for q in [*env.workflow.queues, *bobs.queues])
+        return
+    alice_queue, bob_queue = env.queue("in"), next(q for q in bobs.queues if q.alias == "in")
+    assert alice_queue.credentials.username != bob_queue.credentials.username
+    client = await AmqpQueueClient.connect(amqp_url(alice_queue), max_attempts=MAX_ATTEMPTS)
+    try:
+        [event_id] = await client.publish(alice_queue.queue_id, make_events(1))
+        async with await client.subscribe(alice_queue.queue_id, 1) as sub:
+            [delivery] = await take(sub, 1)
+            assert delivery.event.event_id == event_id
+            await sub.ack(delivery)
+        with pytest.raises(QueueAccessDenied, match="ACCESS_REFUSED"):
+            await client.publish(bob_queue.queue_id, make_events(1))
+        with pytest.raises(QueueAccessDenied):
+            sub = await client.subscribe(bob_queue.queue_id, 1)
+            await take(sub, 1, within=5)
+    finally:
+        await client.close()
+    # close_env deletes every workflow's RabbitMQ queues and users, bob's too.
