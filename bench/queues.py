@@ -48,8 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "gen")]
 
 import grpc  # noqa: E402
-from google.protobuf import json_format  # noqa: E402
 import pika  # noqa: E402
+from google.protobuf import json_format  # noqa: E402
 
 from ewms.v1 import queue_pb2, workflow_service_pb2, workflow_service_pb2_grpc  # noqa: E402
 from services.events.grpc_client import GrpcQueueClient, channel_options  # noqa: E402
@@ -147,7 +147,7 @@ class Wms:
                     break
         if not self.port:
             raise RuntimeError(f"WMS ({self.backend}) did not start:\n{''.join(lines[-30:])}")
-        asyncio.create_task(self._drain())
+        self._drainer = asyncio.create_task(self._drain())
         self.token = (self.data_dir / "admin.token").read_text().strip()
 
     async def _drain(self) -> None:
@@ -182,7 +182,9 @@ class Wms:
 # --- our clients ----------------------------------------------------------------------------------
 
 
-async def publish_all(client: Any, queue_id: str, events: list[queue_pb2.Event], batch: int) -> None:
+async def publish_all(
+    client: Any, queue_id: str, events: list[queue_pb2.Event], batch: int
+) -> None:
     for i in range(0, len(events), batch):
         await client.publish(queue_id, events[i : i + batch])
 
@@ -234,7 +236,7 @@ async def run_ours(
     return n / elapsed
 
 
-# --- raw pika baseline ------------------------------------------------------------------------------
+# --- raw pika baseline ---------------------------------------------------------------------------
 
 
 QUORUM_ARGS = {"x-queue-type": "quorum", "x-delivery-limit": 2}
@@ -291,7 +293,8 @@ def pika_publish(name: str, bodies: list[bytes], done: threading.Event, error: l
     conn = pika.SelectConnection(
         pika.URLParameters(RABBITMQ_URL),
         on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_open_error_callback=lambda c, e: (error.append(str(e)), done.set()),
+        on_open_error_callback=lambda c, e: (error.append(str(e)), c.ioloop.stop()),
+        on_close_callback=lambda c, reason: c.ioloop.stop(),
     )
     conn.ioloop.start()
 
@@ -333,9 +336,8 @@ def run_pika(events: list[queue_pb2.Event], consumers: int) -> float:
         pika_publish(name, bodies, published, error)
         if error:
             raise RuntimeError(f"pika publish failed: {error}")
-        if consumers:
-            if not consumed.wait(PHASE_TIMEOUT):
-                raise RuntimeError("pika consumers timed out")
+        if consumers and not consumed.wait(PHASE_TIMEOUT):
+            raise RuntimeError("pika consumers timed out")
         elapsed = time.perf_counter() - start
         consumed.set()
         for t in threads:
@@ -387,7 +389,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 await channel.close()
             results[target] = row
-            print(f"{target}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in row.items()), file=sys.stderr)
+            summary = ", ".join(f"{k} {v:,.0f}/s" for k, v in row.items())
+            print(f"{target}: {summary}", file=sys.stderr)
     finally:
         for server in wms.values():
             await server.stop()
@@ -395,11 +398,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "embedded" in results:
         for phase in ("e2e-1", "e2e-2"):
             value = results["embedded"][phase]
-            checks.append((f"embedded {phase} >= {EMBEDDED_TARGET:,.0f}/s", value >= EMBEDDED_TARGET, value))
+            name = f"embedded {phase} >= {EMBEDDED_TARGET:,.0f}/s"
+            checks.append((name, value >= EMBEDDED_TARGET, value))
     if "pika" in results and "rabbitmq-amqp" in results:
         for phase in ("e2e-1", "e2e-2"):
             ratio = results["rabbitmq-amqp"][phase] / results["pika"][phase]
-            checks.append((f"rabbitmq-amqp/pika {phase} >= {RABBIT_RATIO_TARGET}", ratio >= RABBIT_RATIO_TARGET, ratio))
+            name = f"rabbitmq-amqp/pika {phase} >= {RABBIT_RATIO_TARGET}"
+            checks.append((name, ratio >= RABBIT_RATIO_TARGET, ratio))
     return {
         "events": args.events,
         "size": args.size,
@@ -431,7 +436,10 @@ def main() -> int:
     print(f"{args.events} events of {args.size} B, batches of {args.batch}; {report['machine']}")
     print(f"{'target':<16}{'publish':>12}{'e2e-1':>12}{'e2e-2':>12}   (events/s)")
     for target, row in report["results"].items():
-        print(f"{target:<16}" + "".join(f"{row.get(p, float('nan')):>12,.0f}" for p in ("publish", "e2e-1", "e2e-2")))
+        cells = "".join(
+            f"{row.get(p, float('nan')):>12,.0f}" for p in ("publish", "e2e-1", "e2e-2")
+        )
+        print(f"{target:<16}{cells}")
     for check in report["checks"]:
         print(f"{'PASS' if check['pass'] else 'FAIL'}  {check['check']}: {check['value']:,.2f}")
     return 0

@@ -573,10 +573,32 @@ class _Get:
     remaining: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Consumer:
     on_message: Callable[[RawMessage], None]
     on_gone: Callable[[QueueError | None], None]
+    # Deliveries handed over from the I/O thread in batches: one event-loop wakeup carries every
+    # message that arrived meanwhile, instead of one cross-thread call per message.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    buffer: list[RawMessage] = field(default_factory=list)
+    scheduled: bool = False
+
+    def hand_over(self, conn: AmqpConnection, raw: RawMessage) -> None:
+        """(I/O thread) queue a delivery for the event loop."""
+        with self.lock:
+            self.buffer.append(raw)
+            if self.scheduled:
+                return
+            self.scheduled = True
+        conn._post(self.drain)
+
+    def drain(self) -> None:
+        """(event loop) deliver everything handed over so far, in order."""
+        with self.lock:
+            batch, self.buffer = self.buffer, []
+            self.scheduled = False
+        for raw in batch:
+            self.on_message(raw)
 
 
 def _raw(method: Any, properties: Any, body: bytes) -> RawMessage:
@@ -735,7 +757,7 @@ class AmqpChannel:
                 return
 
             def deliver(_ch: Any, method: Any, properties: Any, body: bytes) -> None:
-                self.connection._post(consumer.on_message, _raw(method, properties, body))
+                consumer.hand_over(self.connection, _raw(method, properties, body))
 
             self._pending.add(reply)
             self._ch.basic_qos(prefetch_count=prefetch)
@@ -796,6 +818,19 @@ class AmqpChannel:
             reply.resolve(None)
 
         await self.connection.call(op)
+
+    def ack_soon(self, delivery_tags: Sequence[int]) -> None:
+        """Ack deliveries without waiting (the I/O thread sends them in order with whatever else
+        is queued; a lost channel loses them, and RabbitMQ redelivers those events)."""
+        tags = list(delivery_tags)
+
+        def run() -> None:
+            if self._closed is None:
+                for tag in tags:
+                    self._ch.basic_ack(delivery_tag=tag, multiple=False)
+
+        if tags and not self.connection.submit(run):
+            log.info("acks lost with the connection", n=len(tags))
 
     def requeue_soon(self, delivery_tag: int) -> None:
         """Nack (requeue) a delivery without waiting; nothing happens if the channel is gone (then
@@ -1046,6 +1081,8 @@ class AmqpSubscription:
         self._consumer_tag = ""
         self._held: dict[int, _Held] = {}
         self._inbox: asyncio.Queue[queue_pb2.Delivery | _End] = asyncio.Queue()
+        self._acks: list[int] = []
+        self._ack_flush_scheduled = False
         self._closed = False
         self._error: QueueError | None = None
 
@@ -1080,14 +1117,29 @@ class AmqpSubscription:
                 return
             yield item
 
+    def take_ready(self) -> list[queue_pb2.Delivery]:
+        """Deliveries already arrived and not yet iterated (for senders that batch)."""
+        out: list[queue_pb2.Delivery] = []
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, _End):
+                self._inbox.put_nowait(item)
+                break
+            out.append(item)
+        return out
+
     async def ack(self, *deliveries: queue_pb2.Delivery) -> None:
-        """The events are done and leave the queue."""
-        tags = [h.raw.delivery_tag for h in self._take(deliveries)]
-        if tags:
-            try:
-                await self._channel.ack(tags)
-            except QueueError as exc:
-                log.info("ack lost with the channel", queue_id=self.queue_id, error=str(exc))
+        """The events are done and leave the queue. Acks of one event-loop turn go to the I/O
+        thread together, without waiting for it."""
+        self._acks.extend(h.raw.delivery_tag for h in self._take(deliveries))
+        if self._acks and not self._ack_flush_scheduled:
+            self._ack_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_flush_scheduled = False
+        tags, self._acks = self._acks, []
+        self._channel.ack_soon(tags)
 
     async def nack(
         self, delivery: queue_pb2.Delivery, error: str, *, dead_letter: bool = False
@@ -1097,6 +1149,7 @@ class AmqpSubscription:
         taken = self._take([delivery])
         if not taken:
             return
+        self._flush_acks()  # in order: acks made before this nack go first
         held = taken[0]
         tag = held.raw.delivery_tag
         if dead_letter or held.attempt >= self._max_attempts:
@@ -1116,6 +1169,7 @@ class AmqpSubscription:
         deliveries at once. Idempotent."""
         if self._closed:
             return
+        self._flush_acks()
         self._end(None)
         # Shielded: a caller cancelled meanwhile (a gRPC stream ending) must not leave the channel
         # open with its deliveries.
