@@ -19,6 +19,8 @@ from ewms.v1 import event_service_pb2, queue_pb2, workflow_service_pb2
 from services.errors import field_violations
 from services.events.amqp import AmqpQueueClient
 from services.events.client import EventTooLarge, QueueAccessDenied, QueueNotFound, Subscription
+from services.wms.rabbitmq_admin import RabbitAdmin
+from tests.conftest import RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL
 from tests.events.conftest import (
     MAX_ATTEMPTS,
     MAX_EVENT_BYTES,
@@ -533,6 +535,11 @@ async def test_queues_are_deleted_a_retention_period_after_the_workflow_ended(
                 event_service_pb2.GetQueueStatsRequest(queue_id=queue_id), metadata=env.alice
             )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        if backend == "rabbitmq":
+            admin = RabbitAdmin.for_amqp_url(RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL)
+            assert await admin.user(f"ewms-{workflow_id}") is None
+            assert await admin.queue(queue_id) is None
+            assert await admin.queue(f"{queue_id}.dead") is None
         if backend == "embedded":
             rows = await env.wms.store.run(
                 lambda tx: tx.sql.execute(
