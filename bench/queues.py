@@ -347,6 +347,29 @@ def run_pika(events: list[queue_pb2.Event], consumers: int) -> float:
         pika_delete(name)
 
 
+async def delete_rabbitmq_queues(queues: list[queue_pb2.Queue]) -> None:
+    """Delete the RabbitMQ queues, exchanges and users of the workflows the run created (their
+    "out" queues too: every queue of the workflow shares its id prefix)."""
+    if not queues:
+        return
+    from services.wms.rabbitmq_broker import RabbitBroker
+
+    broker = await RabbitBroker.connect(RABBITMQ_URL, RABBITMQ_MANAGEMENT_URL)
+    try:
+        for q in queues:
+            # The "out" queue's id is not known here: take the workflow's queues by id prefix.
+            prefix = q.queue_id.rsplit("-", 1)[0] + "-"
+            names = await broker.admin.request("GET", "/api/queues/%2F?columns=name")
+            group = [
+                queue_pb2.Queue(queue_id=n["name"], workflow_id=q.workflow_id)
+                for n in names
+                if n["name"].startswith(prefix) and not n["name"].endswith(".dead")
+            ]
+            await broker.delete(q.workflow_id, group or [q])
+    finally:
+        await broker.close()
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -355,6 +378,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     targets = args.targets.split(",")
     results: dict[str, dict[str, float]] = {}
     wms: dict[str, Wms] = {}
+    created: list[queue_pb2.Queue] = []
     try:
         for target in targets:
             row: dict[str, float] = {}
@@ -369,6 +393,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 server = wms[backend]
                 channel = grpc.aio.insecure_channel(server.address, options=channel_options())
                 queue = await server.new_queue(channel)
+                if backend == "rabbitmq":
+                    created.append(queue)
 
                 if target == "rabbitmq-amqp":
                     from services.events.amqp import AmqpQueueClient
@@ -394,6 +420,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for server in wms.values():
             await server.stop()
+        await delete_rabbitmq_queues(created)
     checks = []
     if "embedded" in results:
         for phase in ("e2e-1", "e2e-2"):
