@@ -117,7 +117,7 @@ RABBITMQ_MANAGEMENT_URL = os.environ.get(
 )
 
 
-def _rabbitmq_problem() -> str | None:
+def rabbitmq_problem() -> str | None:
     """Why the test RabbitMQ cannot be used (None if it can): the AMQP port must accept connections
     and the management API must answer."""
     amqp = urllib.parse.urlsplit(RABBITMQ_URL)
@@ -143,7 +143,7 @@ def _rabbitmq_problem() -> str | None:
 def require_rabbitmq() -> None:
     """Skip the calling test when no usable RabbitMQ is reachable -- or fail it when the
     environment requires one (CI is set, as .ci/run does)."""
-    problem = _rabbitmq_problem()
+    problem = rabbitmq_problem()
     if problem is None:
         return
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):

@@ -39,6 +39,7 @@ from ewms.v1 import queue_pb2
 from services import ids
 from services.events import wire
 from services.events.client import (
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_EVENT_BYTES,
     RESERVED_HEADER_PREFIX,
     EventTooLarge,
@@ -52,8 +53,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # Deliveries an event gets before it is dead-lettered, unless told per queue (the queue's
-# ``max_attempts``; RabbitMQ's x-delivery-limit is one less).
-DEFAULT_MAX_ATTEMPTS = 3
 # Heartbeat timeout proposed to RabbitMQ, seconds.
 DEFAULT_HEARTBEAT = 30
 # Seconds one connection attempt (TCP, AMQP handshake) may take.

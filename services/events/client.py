@@ -27,6 +27,8 @@ from typing import Protocol
 
 from ewms.v1 import queue_pb2
 
+# Deliveries an event gets before it is dead-lettered, when a task does not say.
+DEFAULT_MAX_ATTEMPTS = 3
 # Largest payload of one event, unless EWMS_MAX_EVENT_BYTES says otherwise.
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 # Header names with this prefix are reserved: the broker's ("x-delivery-count", "x-death") and ours.

@@ -38,7 +38,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 
 from ewms.v1 import queue_pb2
-from services.events.client import Subscription
+from services.events.client import DEFAULT_MAX_ATTEMPTS, Subscription
 from services.wms.brokers import UnknownAckId
 from services.wms.store import Store, Tx
 
@@ -46,7 +46,6 @@ log = structlog.get_logger(__name__)
 
 MEMORY_READY = 10_000
 LOAD_BELOW = 2_000
-DEFAULT_MAX_ATTEMPTS = 3
 MAX_ERROR_CHARS = 4096
 
 
@@ -205,22 +204,18 @@ class _Sub:
         """Ack deliveries (committed with the next batch)."""
         self._broker.ack_now(self._q, [d.ack_id for d in deliveries], wait=False)
 
-    async def ack_ids(self, ack_ids: Sequence[str]) -> None:
-        """Ack by ack id (committed with the next batch)."""
-        self._broker.ack_now(self._q, ack_ids, wait=False)
-
     async def nack(
         self, delivery: queue_pb2.Delivery, error: str, *, dead_letter: bool = False
     ) -> None:
         """Nack a delivery; an ack id no longer out is ignored."""
-        await self.nack_id(delivery.ack_id, error, dead_letter=dead_letter)
-
-    async def nack_id(self, ack_id: str, error: str, *, dead_letter: bool = False) -> None:
-        """Nack by ack id; an ack id no longer out is ignored."""
         try:
-            self._broker.nack_now(self._q, ack_id, error, dead_letter)
+            self._broker.nack_now(self._q, delivery.ack_id, error, dead_letter)
         except UnknownAckId:
-            log.info("nack of a delivery no longer out", queue_id=self._q.queue_id, ack_id=ack_id)
+            log.info(
+                "nack of a delivery no longer out",
+                queue_id=self._q.queue_id,
+                ack_id=delivery.ack_id,
+            )
 
     async def close(self) -> None:
         """End the subscription: its unacked deliveries go back to the queue now."""

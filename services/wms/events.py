@@ -37,6 +37,7 @@ from services.wms.brokers import UnknownAckId
 from services.wms.pagination import page_of
 from services.wms.queues import QueueManager
 from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, WORKFLOWS, Store, Tx
+from services.wms.validation import require_fields
 
 log = structlog.get_logger(__name__)
 
@@ -50,12 +51,6 @@ MAX_WAIT_SECONDS = 60
 MAX_ACK_IDS = 10_000
 MAX_EVENT_ID_CHARS = 128
 MAX_HEADER_BYTES = 64 * 1024
-
-
-def _required(**fields: str) -> None:
-    missing = [(name, "required") for name, value in fields.items() if not value]
-    if missing:
-        raise InvalidArgument(missing)
 
 
 class EventService(event_service_pb2_grpc.EventServiceServicer):
@@ -122,7 +117,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def Publish(
         self, request: event_service_pb2.PublishRequest, context: Ctx
     ) -> event_service_pb2.PublishResponse:
-        _required(queue_id=request.queue_id)
+        require_fields(queue_id=request.queue_id)
         self._validate_events(request)
         principal = current_principal()
         queue, wf = await self._resolve(request.queue_id, principal)
@@ -315,7 +310,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def Nack(
         self, request: event_service_pb2.NackRequest, context: Ctx
     ) -> event_service_pb2.NackResponse:
-        _required(queue_id=request.queue_id, ack_id=request.ack_id)
+        require_fields(queue_id=request.queue_id, ack_id=request.ack_id)
         queue, _ = await self._resolve(request.queue_id, current_principal())
         try:
             dead = await self._queues.broker(queue).nack(
@@ -334,7 +329,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def GetQueueStats(
         self, request: event_service_pb2.GetQueueStatsRequest, context: Ctx
     ) -> queue_pb2.QueueStats:
-        _required(queue_id=request.queue_id)
+        require_fields(queue_id=request.queue_id)
         queue, _ = await self._resolve(request.queue_id, current_principal())
         return await self._queues.broker(queue).stats(queue)
 
@@ -342,7 +337,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def ListDeadLetters(
         self, request: event_service_pb2.ListDeadLettersRequest, context: Ctx
     ) -> event_service_pb2.ListDeadLettersResponse:
-        _required(queue_id=request.queue_id)
+        require_fields(queue_id=request.queue_id)
         page = page_of(request.page_size, request.page_token, request.queue_id)
         queue, _ = await self._resolve(request.queue_id, current_principal())
         letters, after = await self._queues.broker(queue).dead_letters(
@@ -357,7 +352,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def RedriveDeadLetters(
         self, request: event_service_pb2.RedriveDeadLettersRequest, context: Ctx
     ) -> event_service_pb2.RedriveDeadLettersResponse:
-        _required(queue_id=request.queue_id)
+        require_fields(queue_id=request.queue_id)
         queue, wf = await self._resolve(request.queue_id, current_principal())
         if wf.deactivated:
             raise FailedPrecondition(

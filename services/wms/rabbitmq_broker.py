@@ -31,7 +31,6 @@ from services.config import WmsSettings
 from services.events import wire
 from services.events.amqp import (
     DEFAULT_HEARTBEAT,
-    DEFAULT_MAX_ATTEMPTS,
     AmqpChannel,
     AmqpQueueClient,
     AmqpSubscription,
@@ -43,7 +42,7 @@ from services.events.amqp import (
     redriven_message,
     timestamp_ns,
 )
-from services.events.client import DEFAULT_MAX_EVENT_BYTES, QueueError
+from services.events.client import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_EVENT_BYTES, QueueError
 from services.wms.brokers import UnknownAckId
 from services.wms.rabbitmq_admin import RabbitAdmin
 

@@ -15,12 +15,12 @@ from google.protobuf import struct_pb2
 from ewms.v1 import taskforce_pb2, workflow_service_pb2
 from services.config import ClusterLocations
 from services.errors import InvalidArgument
+from services.events.client import DEFAULT_MAX_ATTEMPTS
 from services.sizes import parse_size
 
 DEFAULT_WORKFLOW_PRIORITY = 50
 MAX_WORKFLOW_PRIORITY = 100
 DEFAULT_N_WORKERS = 1
-DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
 DEFAULT_PILOT_TAG = "latest"
 IMAGE_SOURCES = ("auto", "cvmfs")
@@ -41,6 +41,13 @@ QUEUE_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PILOT_TAG = re.compile(
     r"^(?:[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}|latest|[a-z0-9._-]+-[a-z0-9]{1,128})$"
 )
+
+
+def require_fields(**fields: str) -> None:
+    """INVALID_ARGUMENT naming every one of these fields that is empty."""
+    missing = [(name, "required") for name, value in fields.items() if not value]
+    if missing:
+        raise InvalidArgument(missing)
 
 
 class Violations:

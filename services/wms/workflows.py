@@ -27,6 +27,7 @@ from services.errors import (
     Unimplemented,
     grpc_errors,
 )
+from services.events.client import DEFAULT_MAX_ATTEMPTS
 from services.wms.pagination import page_of
 from services.wms.queues import QueueManager
 from services.wms.store import (
@@ -40,8 +41,8 @@ from services.wms.store import (
     Tx,
 )
 from services.wms.validation import (
-    DEFAULT_MAX_ATTEMPTS,
     MAX_WORKFLOW_PRIORITY,
+    require_fields,
     validate_create_workflow,
 )
 
@@ -95,12 +96,6 @@ def log_phase(
 def _owner_filter(principal: Principal) -> str | None:
     """Owner to restrict queries to: the caller, unless an admin."""
     return None if principal.is_admin else principal.subject
-
-
-def _required(**fields: str) -> None:
-    missing = [(name, "required") for name, value in fields.items() if not value]
-    if missing:
-        raise InvalidArgument(missing)
 
 
 def build_workflow(
@@ -264,7 +259,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def GetWorkflow(
         self, request: workflow_service_pb2.GetWorkflowRequest, context: Ctx
     ) -> workflow_pb2.Workflow:
-        _required(workflow_id=request.workflow_id)
+        require_fields(workflow_id=request.workflow_id)
         owner = _owner_filter(current_principal())
         wf = await self._store.run(
             lambda tx: tx.get(WORKFLOWS, request.workflow_id, owner), write=False
@@ -312,7 +307,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def _deactivate(
         self, workflow_id: str, kind: workflow_pb2.Deactivation.ValueType
     ) -> workflow_service_pb2.DeactivateWorkflowResponse:
-        _required(workflow_id=workflow_id)
+        require_fields(workflow_id=workflow_id)
         owner = _owner_filter(current_principal())
         when = now_ts()
         resp = await self._store.run(lambda tx: deactivate(tx, workflow_id, owner, kind, when))
@@ -332,7 +327,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def GetTaskDirective(
         self, request: workflow_service_pb2.GetTaskDirectiveRequest, context: Ctx
     ) -> workflow_pb2.TaskDirective:
-        _required(task_id=request.task_id)
+        require_fields(task_id=request.task_id)
         owner = _owner_filter(current_principal())
         td = await self._store.run(
             lambda tx: tx.get(TASK_DIRECTIVES, request.task_id, owner), write=False
@@ -433,7 +428,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def GetTaskforce(
         self, request: workflow_service_pb2.GetTaskforceRequest, context: Ctx
     ) -> taskforce_pb2.Taskforce:
-        _required(taskforce_uuid=request.taskforce_uuid)
+        require_fields(taskforce_uuid=request.taskforce_uuid)
         owner = _owner_filter(current_principal())
         tf = await self._store.run(
             lambda tx: tx.get(TASKFORCES, request.taskforce_uuid, owner), write=False
@@ -476,7 +471,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def ListQueues(
         self, request: workflow_service_pb2.ListQueuesRequest, context: Ctx
     ) -> workflow_service_pb2.ListQueuesResponse:
-        _required(workflow_id=request.workflow_id)
+        require_fields(workflow_id=request.workflow_id)
         owner = _owner_filter(current_principal())
 
         def queues(tx: Tx) -> list[queue_pb2.Queue] | None:

@@ -161,7 +161,6 @@ async def close_env(env: QueueEnv, *, delete_queues: bool = True) -> None:
     await env.channel.close()
     if delete_queues and env.backend == "rabbitmq":
         broker = env.wms.queues.broker(env.workflow.queues[0])
-        queues: list[queue_pb2.Queue] = []
 
         def all_queues(tx: Any) -> list[queue_pb2.Queue]:
             rows = tx.sql.execute("SELECT body FROM queues").fetchall()
