@@ -1163,6 +1163,16 @@ class AmqpSubscription:
         else:
             await self._settle(self._channel.nack([tag], requeue=True))
 
+    async def pause(self) -> None:
+        """Cancel the consumer (no new deliveries) but keep the channel, so what is held can still
+        be acked or nacked."""
+        if self._closed or not self._consumer_tag:
+            return
+        self._flush_acks()
+        tag, self._consumer_tag = self._consumer_tag, ""
+        with contextlib.suppress(QueueError):
+            await self._channel.cancel(tag)
+
     async def close(self) -> None:
         """Stop consuming: cancel, then close the channel; RabbitMQ requeues the unacked
         deliveries at once. Idempotent."""

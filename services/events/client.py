@@ -74,6 +74,11 @@ class Subscription(Protocol):
         because this was its last allowed attempt)."""
         ...
 
+    async def pause(self) -> None:
+        """Take no new deliveries (draining); those held can still be acked or nacked, and a nack
+        now returns the event to other consumers rather than to this one."""
+        ...
+
     async def close(self) -> None:
         """Stop consuming; unacked deliveries go back to the queue now. Idempotent."""
         ...

@@ -124,6 +124,13 @@ class GrpcSubscription:
             )
         )
 
+    async def pause(self) -> None:
+        """Ask the WMS to send no new deliveries; acks and nacks still work."""
+        self._flush_acks()
+        self._outgoing.put_nowait(
+            event_service_pb2.SubscribeRequest(pause=event_service_pb2.SubscribePause())
+        )
+
     async def _send(self) -> None:
         while True:
             req = await self._outgoing.get()

@@ -170,6 +170,7 @@ class _Sub:
         self.outbox: deque[queue_pb2.Delivery] = deque()
         self.wake = asyncio.Event()
         self.closed = False
+        self.paused = False
 
     @property
     def prefetch(self) -> int:
@@ -179,7 +180,7 @@ class _Sub:
     @property
     def credit(self) -> int:
         """How many more deliveries it may get now."""
-        return 0 if self.closed else self._prefetch - len(self.outstanding)
+        return 0 if self.closed or self.paused else self._prefetch - len(self.outstanding)
 
     def push(self, delivery: queue_pb2.Delivery) -> None:
         self.outbox.append(delivery)
@@ -216,6 +217,10 @@ class _Sub:
                 queue_id=self._q.queue_id,
                 ack_id=delivery.ack_id,
             )
+
+    async def pause(self) -> None:
+        """Take no new deliveries; held ones can still be acked or nacked."""
+        self.paused = True
 
     async def close(self) -> None:
         """End the subscription: its unacked deliveries go back to the queue now."""

@@ -227,6 +227,8 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                             req.nack.error,
                             dead_letter=req.nack.dead_letter,
                         )
+                    elif kind == "pause":
+                        await sub.pause()
                     else:
                         problem.append(
                             InvalidArgument([("open", "only the first message may open")])

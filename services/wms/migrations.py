@@ -84,4 +84,36 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "pilots' latest state and the drain/stop command of each taskforce",
+        """
+        -- Plain columns (no proto message describes a pilot); written behind by the pilot
+        -- registry, together with the taskforces' roll-ups of them.
+        CREATE TABLE pilots (
+            taskforce_uuid TEXT NOT NULL REFERENCES taskforces (taskforce_uuid),
+            worker_id TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pilot_version TEXT NOT NULL,
+            phase INTEGER NOT NULL,
+            events_received INTEGER NOT NULL,
+            tasks_succeeded INTEGER NOT NULL,
+            tasks_failed INTEGER NOT NULL,
+            events_published INTEGER NOT NULL,
+            last_error TEXT NOT NULL,
+            connected INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            status_ts REAL,
+            PRIMARY KEY (taskforce_uuid, worker_id)
+        ) WITHOUT ROWID;
+
+        -- The last drain or stop of each taskforce: pilots connecting later get it too.
+        CREATE TABLE pilot_commands (
+            taskforce_uuid TEXT PRIMARY KEY,
+            command TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            recorded REAL NOT NULL
+        );
+        """,
+    ),
 ]

@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from ewms.v1 import (
     event_service_pb2,
     event_service_pb2_grpc,
+    pilot_service_pb2,
+    pilot_service_pb2_grpc,
     queue_pb2,
     workflow_service_pb2,
     workflow_service_pb2_grpc,
@@ -26,6 +28,7 @@ from services.wms.auth_interceptor import AuthInterceptor
 from services.wms.brokers import Broker
 from services.wms.embedded_broker import EmbeddedBroker
 from services.wms.events import EventService
+from services.wms.pilots import PilotRegistry, PilotService
 from services.wms.queues import BACKENDS, QueueManager, public_amqp_address
 from services.wms.store import Store
 from services.wms.workflows import WorkflowService
@@ -35,6 +38,7 @@ log = structlog.get_logger(__name__)
 SERVING_SERVICES = [
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    pilot_service_pb2.DESCRIPTOR.services_by_name["PilotService"].full_name,
 ]
 # gRPC messages may carry one event of the largest allowed size plus this much else.
 MESSAGE_OVERHEAD = 1024 * 1024
@@ -57,6 +61,7 @@ class RunningWms:
     authority: TokenAuthority
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     queues: QueueManager
+    pilots: PilotRegistry
 
     @property
     def address(self) -> str:
@@ -64,8 +69,11 @@ class RunningWms:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Stop serving (in-flight RPCs get ``grace`` seconds), then close the store."""
+        """End the pilots' streams and commit their pending state, stop serving (in-flight RPCs
+        get ``grace`` seconds), then close the store."""
         await self.health.enter_graceful_shutdown()
+        # Pilot streams never finish by themselves: end them rather than wait out the grace.
+        await self.pilots.close()
         await self.server.stop(grace)
         await self.queues.close()
         await self.store.close()
@@ -78,7 +86,9 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     admin_token_path = ensure_admin_token(settings.data_dir, authority)
     store = await Store.open(settings.data_dir)
     queues: QueueManager | None = None
+    pilots: PilotRegistry | None = None
     try:
+        pilots = await PilotRegistry.open(store)
         brokers: dict[queue_pb2.QueueBackend.ValueType, Broker] = {
             queue_pb2.QUEUE_BACKEND_EMBEDDED: await EmbeddedBroker.open(store)
         }
@@ -96,8 +106,9 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
             ("grpc.max_send_message_length", limit),
         ]
         server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=options)
-        workflows = WorkflowService(store, settings.cluster_locations, queues)
+        workflows = WorkflowService(store, settings.cluster_locations, queues, pilots)
         workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(workflows, server)
+        pilot_service_pb2_grpc.add_PilotServiceServicer_to_server(PilotService(pilots), server)
         event_service_pb2_grpc.add_EventServiceServicer_to_server(
             EventService(store, queues, settings.max_event_bytes), server
         )
@@ -122,6 +133,8 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         await server.start()
         queues.start()
     except BaseException:
+        if pilots is not None:
+            await pilots.close()
         if queues is not None:
             await queues.close()
         await store.close()
@@ -137,7 +150,7 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         cluster_locations=settings.cluster_locations.describe(),
         queue_backend=settings.queue_backend,
     )
-    return RunningWms(server, store, port, authority, health_servicer, queues)
+    return RunningWms(server, store, port, authority, health_servicer, queues, pilots)
 
 
 async def serve(settings: WmsSettings) -> None:

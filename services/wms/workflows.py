@@ -29,6 +29,7 @@ from services.errors import (
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS
 from services.wms.pagination import page_of
+from services.wms.pilots import PilotRegistry, deactivation_command
 from services.wms.queues import QueueManager
 from services.wms.store import (
     QUEUES,
@@ -219,10 +220,12 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         store: Store,
         locations: ClusterLocations,
         queues: QueueManager,
+        pilots: PilotRegistry,
     ) -> None:
         self._store = store
         self._locations = locations
         self._queues = queues
+        self._pilots = pilots
         # Where clients reach embedded queues; set by the server once its port is bound.
         self.queue_address = ""
 
@@ -310,8 +313,22 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         require_fields(workflow_id=workflow_id)
         owner = _owner_filter(current_principal())
         when = now_ts()
-        resp = await self._store.run(lambda tx: deactivate(tx, workflow_id, owner, kind, when))
+
+        def run(tx: Tx) -> tuple[workflow_service_pb2.DeactivateWorkflowResponse, list[str]]:
+            resp = deactivate(tx, workflow_id, owner, kind, when)
+            rows = tx.sql.execute(
+                "SELECT taskforce_uuid FROM taskforces WHERE workflow_id = ? ORDER BY seq",
+                (workflow_id,),
+            )
+            return resp, [uuid for (uuid,) in rows]
+
+        resp, taskforce_uuids = await self._store.run(run)
         self._queues.workflow_ended()
+        # Finished: pilots drain (finish what they hold); aborted: they stop now.
+        command = deactivation_command(kind)
+        if command is not None:
+            for uuid in taskforce_uuids:
+                self._pilots.command(uuid, command)
         return resp
 
     @grpc_errors

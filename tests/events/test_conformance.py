@@ -182,6 +182,27 @@ async def test_prefetch_bounds_unacked_deliveries(client_env: QueueEnv) -> None:
     await sub.close()
 
 
+async def test_a_paused_subscription_gets_nothing_new_and_its_nacks_go_elsewhere(
+    client_env: QueueEnv,
+) -> None:
+    env = client_env
+    client = await env.queue_client()
+    queue_id = env.queue("in").queue_id
+    await client.publish(queue_id, make_events(6))
+    sub = await client.subscribe(queue_id, 2)
+    held = await take(sub, 2)
+    await sub.pause()
+    # Settling what it holds works, and frees no credit for it: the nacked event and the other
+    # four stay in the queue for other consumers.
+    await sub.ack(held[0])
+    await sub.nack(held[1], "draining")
+    others = await receive_all(env, queue_id, 5)
+    assert len(others) == 5
+    assert held[1].event.event_id in {d.event.event_id for d in others}
+    assert await receive(env, queue_id, 10, wait=1) == []
+    await sub.close()
+
+
 async def test_subscriber_killed_with_sigkill_gets_its_events_redelivered(
     client_env: QueueEnv, tmp_path: Path
 ) -> None:

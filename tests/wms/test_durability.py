@@ -223,6 +223,8 @@ def test_migrate_brings_a_fresh_database_to_the_current_version(tmp_path: Path) 
             "queues",
             "events",
             "queue_counters",
+            "pilots",
+            "pilot_commands",
         }
 
 

@@ -80,6 +80,7 @@ class SubscribeRequest(_message.Message):
     OPEN_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     NACK_FIELD_NUMBER: _builtins.int
+    PAUSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___SubscribeOpen:
         """Must be the first message, and only the first."""
@@ -92,22 +93,46 @@ class SubscribeRequest(_message.Message):
     def nack(self) -> Global___SubscribeNack:
         """Nacks a delivery."""
 
+    @_builtins.property
+    def pause(self) -> Global___SubscribePause:
+        """Stops new deliveries (a draining consumer); what it holds can still be acked or nacked, and
+        a nack now returns the event to other consumers instead of to this one.
+        """
+
     def __init__(
         self,
         *,
         open: Global___SubscribeOpen | None = ...,
         ack: Global___SubscribeAck | None = ...,
         nack: Global___SubscribeNack | None = ...,
+        pause: Global___SubscribePause | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open", "pause", b"pause"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open", "pause", b"pause"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "ack", "nack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "ack", "nack", "pause"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
+
+@_typing.final
+class SubscribePause(_message.Message):
+    """Stops a subscription's new deliveries; the stream stays open until the subscriber ends it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribePause: _TypeAlias = SubscribePause  # noqa: Y015
 
 @_typing.final
 class SubscribeOpen(_message.Message):

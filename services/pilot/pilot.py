@@ -1,0 +1,659 @@
+"""The pilot: consume events, run the task once per event, publish its outputs, ack the input.
+
+Read top to bottom: :meth:`Pilot.run` prepares the runtime, runs the init task, subscribes, then
+takes one delivery per free slot (``EWMS_PILOT_MAX_CONCURRENT_TASKS``) until it is told to drain,
+stops listening after a task error, or has been idle too long. :meth:`Pilot._handle` is one event's
+whole path: task directory, infile, run, outputs published to every output queue (confirmed), then
+the input acked -- or, on any failure, nacked with the error text so the queue counts the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ewms.v1 import pilot_service_pb2, queue_pb2, taskforce_pb2
+from services.events.client import EventTooLarge, QueueError
+from services.pilot import task_io
+from services.pilot.config import PilotSettings
+from services.pilot.failures import (
+    ContainerRunError,
+    OutputPublishError,
+    OutputTooLargeError,
+    PilotStopped,
+    TaskError,
+)
+from services.pilot.queue_link import Intake, QueueLink, Received
+from services.pilot.runner import RunResult, run
+from services.pilot.runtimes import Mount, Runtime, RuntimeSetupError, TaskSpec
+from services.pilot.status import StatusReporter
+
+log = structlog.get_logger(__name__)
+
+Phase = taskforce_pb2.PilotPhase
+# How much of a task's stdout/stderr is copied into the pilot's log.
+DUMP_BYTES = 16 * 1024
+
+
+class EventsSink(Protocol):
+    """Where lifecycle events go besides the WMS (the hyperflow-style exchange)."""
+
+    def emit(self, type: str, job: str | None = None, **fields: Any) -> None:
+        """Publish one monitoring event; never blocks, never raises."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and close."""
+        ...
+
+
+class NoEvents:
+    """No monitoring exchange configured."""
+
+    def emit(self, type: str, job: str | None = None, **fields: Any) -> None:
+        """Nothing to do."""
+
+    async def close(self) -> None:
+        """Nothing to do."""
+
+
+def _ts() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+@dataclass
+class Outcome:
+    """How the pilot ended."""
+
+    exit_code: int
+    phase: int
+    reason: str
+
+
+@dataclass
+class _Run:
+    """Timings of one task run, for the monitoring events."""
+
+    slot: int
+    timestamps: dict[str, float] = field(default_factory=dict)
+    durations: dict[str, float] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    result: RunResult | None = None
+
+    def mark(self, name: str) -> float:
+        now = time.time()
+        self.timestamps[name] = now
+        return now
+
+
+class Pilot:
+    """One pilot process's work. Create, then ``await run()``; returns the exit code."""
+
+    def __init__(
+        self,
+        settings: PilotSettings,
+        runtime: Runtime,
+        *,
+        reporter: StatusReporter | None = None,
+        sink: EventsSink | None = None,
+    ) -> None:
+        self.s = settings
+        self.runtime = runtime
+        self.reporter = reporter
+        self.sink: EventsSink = sink or NoEvents()
+        self.counters = taskforce_pb2.TaskCounters()
+        self.last_error = ""
+        self._phase: int = Phase.PILOT_PHASE_STARTED
+        self._inputs = QueueLink(settings.incoming, settings.max_event_bytes, "pilot-in")
+        self._outputs = (
+            self._inputs
+            if settings.outgoing == settings.incoming
+            else QueueLink(settings.outgoing, settings.max_event_bytes, "pilot-out")
+        )
+        self._tasks: dict[asyncio.Task[None], Received] = {}
+        self._free_slots = list(range(settings.max_concurrent_tasks - 1, -1, -1))
+        self._drain = asyncio.Event()  # stop taking events, let in-flight ones finish
+        self._stop = asyncio.Event()  # stop now: cancel in-flight tasks
+        self._drain_reason = ""
+        self._fatal: TaskError | None = None
+        self._task_image = settings.task_image
+        self._first_received: float | None = None
+        self._intake: Intake | None = None
+        self._last_done = 0.0
+        self._init_image = settings.init_image
+
+    # -- control -------------------------------------------------------------------------------
+
+    def drain(self, reason: str) -> None:
+        """Take no new events; in-flight tasks get ``EWMS_PILOT_DRAIN_GRACE`` to finish.
+        A second request stops at once."""
+        if self._drain.is_set() and reason.startswith("SIG"):
+            self.stop(f"{reason} again")
+            return
+        log.info("draining", reason=reason)
+        self._drain_reason = self._drain_reason or reason
+        self._drain.set()
+
+    def stop(self, reason: str) -> None:
+        """Stop now: in-flight tasks are killed and their events nacked."""
+        log.info("stopping", reason=reason)
+        self._drain_reason = self._drain_reason or reason
+        self._drain.set()
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT (HTCondor eviction, condor_rm, Ctrl-C) drain the pilot."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain, sig.name)
+
+    def _set_phase(self, phase: int) -> None:
+        self._phase = phase
+        log.info("phase", phase=Phase.Name(phase))  # type: ignore[arg-type]
+        if self.reporter:
+            self.reporter.set_phase(phase)
+
+    def _changed(self) -> None:
+        if self.reporter:
+            self.reporter.counters.CopyFrom(self.counters)
+            self.reporter.last_error = self.last_error
+            self.reporter.changed()
+
+    # -- the whole life ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until drained, idle, or failed; returns the process exit code."""
+        outcome = await self._run()
+        if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR:
+            self.last_error = self.last_error or outcome.reason
+            self._changed()
+        self._set_phase(outcome.phase)
+        log.info(
+            "pilot finished",
+            reason=outcome.reason,
+            events=self.counters.events_received,
+            succeeded=self.counters.tasks_succeeded,
+            failed=self.counters.tasks_failed,
+            published=self.counters.events_published,
+            tasking_seconds=round(self._tasking_seconds(), 6),
+        )
+        if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR and self.s.quarantine_time:
+            # Blackhole protection: a broken worker must not grab and fail events quickly.
+            log.warning("quarantine before exiting", seconds=self.s.quarantine_time)
+            await self._sleep_unless_stopped(self.s.quarantine_time)
+        await self.sink.close()
+        if self.reporter:
+            await self.reporter.close()
+        return outcome.exit_code
+
+    def _tasking_seconds(self) -> float:
+        """From the first event received to the last task done."""
+        if self._first_received is None:
+            return 0.0
+        return max(0.0, self._last_done - self._first_received)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _run(self) -> Outcome:
+        try:
+            if self._task_image:
+                self._task_image = await self.runtime.prepare(self._task_image)
+            if self._init_image:
+                self._init_image = await self.runtime.prepare(self._init_image)
+        except RuntimeSetupError as exc:
+            return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, f"runtime {self.runtime.name}: {exc}")
+        if self.s.init_args or self.s.init_image:
+            self._set_phase(Phase.PILOT_PHASE_RUNNING_INIT)
+            try:
+                await self._run_init()
+            except TaskError as exc:
+                self.last_error = str(exc)
+                return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, str(exc))
+            if self._drain.is_set():
+                return Outcome(0, Phase.PILOT_PHASE_DONE, self._drain_reason)
+        try:
+            intake = self._intake = Intake(self._inputs, self.s.prefetch)
+            await intake.open()
+        except QueueError as exc:
+            return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, f"cannot subscribe: {exc}")
+        self._set_phase(Phase.PILOT_PHASE_AWAITING_FIRST_EVENT)
+        try:
+            outcome = await self._consume(intake)
+        finally:
+            await self._finish(intake)
+        return outcome
+
+    async def _run_init(self) -> None:
+        paths = task_io.make_init_dir(self.s.data_dir, self.runtime.maps_paths)
+        replacements = {ph: paths.hub_seen for ph in task_io.PLACEHOLDERS["data_hub"]}
+        spec = TaskSpec(
+            alias="init",
+            image=self._init_image,
+            argv=task_io.build_argv(self.s.init_args, replacements),
+            env={**self.s.init_env, "EWMS_TASK_DATA_HUB_DIR": paths.hub_seen},
+            workdir=paths.hub,
+            mounts=(Mount(paths.hub, paths.hub_seen, True), *self._external_mounts()),
+            workdir_target=paths.hub_seen,
+        )
+        launch = self.runtime.launch(spec)
+        log.info("init task", argv=launch.argv)
+        try:
+            await run(
+                launch,
+                paths.stdout,
+                paths.stderr,
+                alias="init",
+                time_limit=self.s.init_timeout,
+                kill_grace=self.s.kill_grace,
+            )
+        except TaskError:
+            self._dump(paths.stdout, paths.stderr, "init")
+            log.error("init task failed; its files are kept", directory=str(paths.root))
+            raise
+        finally:
+            if launch.container_name:
+                await self.runtime.cleanup(launch)
+        if self.s.dump_task_output:
+            self._dump(paths.stdout, paths.stderr, "init")
+        task_io.remove(paths.root)
+
+    async def _pause_intake(self) -> None:
+        if self._intake is not None:
+            await self._intake.pause()
+
+    def _external_mounts(self) -> list[Mount]:
+        return [Mount(p, str(p), False) for p in self.s.external_directories]
+
+    # -- intake --------------------------------------------------------------------------------
+
+    async def _consume(self, intake: Intake) -> Outcome:
+        """Take deliveries while slots are free, until drained, idle, or failed."""
+        received_any = False
+        idle_since = time.monotonic()
+        drain = asyncio.create_task(self._drain.wait())
+        getter: asyncio.Task[Received] | None = None
+        try:
+            while not self._drain.is_set():
+                waits: set[asyncio.Future[Any]] = {drain, intake.failed}
+                timeout = None
+                if len(self._tasks) < self.s.max_concurrent_tasks:
+                    getter = getter or asyncio.create_task(intake.ready.get())
+                    waits.add(getter)
+                if self._tasks:
+                    waits.update(self._tasks)
+                else:
+                    limit = self.s.idle_timeout if received_any else self.s.first_event_timeout
+                    timeout = idle_since + limit - time.monotonic()
+                    if timeout <= 0:
+                        what = "an event" if not received_any else "another event"
+                        return Outcome(0, Phase.PILOT_PHASE_DONE, f"waited {limit:g}s for {what}")
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if intake.failed.done():
+                    self.drain("input queue lost")
+                    self._fatal = self._fatal or ContainerRunError(str(intake.failed.result()))
+                    break
+                if getter is not None and getter.done():
+                    item = getter.result()
+                    getter = None
+                    if self._drain.is_set():
+                        intake.ready.put_nowait(item)  # nacked with the other untaken ones
+                        break
+                    if not received_any:
+                        received_any = True
+                        self._first_received = time.monotonic()
+                        self._set_phase(Phase.PILOT_PHASE_TASKING)
+                    self._start(item)
+                if not self._tasks:
+                    idle_since = max(idle_since, self._last_done)
+        finally:
+            drain.cancel()
+            if getter is not None:
+                if getter.done() and not getter.cancelled():
+                    intake.ready.put_nowait(getter.result())
+                getter.cancel()
+        return await self._wind_down(intake)
+
+    def _start(self, item: Received) -> None:
+        slot = self._free_slots.pop()
+        task = asyncio.create_task(
+            self._handle(item, slot), name=f"task-{item.delivery.event.event_id}"
+        )
+        self._tasks[task] = item
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.pop(t, None)
+            self._free_slots.append(slot)
+            self._last_done = time.monotonic()
+
+        task.add_done_callback(done)
+
+    async def _wind_down(self, intake: Intake) -> Outcome:
+        """Stop taking events: nack what was received but not started; let in-flight tasks finish
+        (within the drain grace when draining on request); report how the pilot ends."""
+        stopping_for_error = self._fatal is not None
+        self._set_phase(Phase.PILOT_PHASE_DRAINING)
+        # Paused first, so the nacks below return events to other pilots, not to this one.
+        await intake.pause()
+        for item in intake.take_ready():
+            await self._nack(
+                item, "the pilot stopped before starting this event", dead_letter=False
+            )
+        loop = asyncio.get_running_loop()
+        # After a task error the original waits for in-flight tasks; a drain request bounds it.
+        deadline = None if stopping_for_error else loop.time() + self.s.drain_grace
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            while self._tasks and not self._stop.is_set():
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    break
+                await asyncio.wait(
+                    set(self._tasks) | {stop},
+                    timeout=remaining,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            stop.cancel()
+        if self._tasks:
+            log.warning("killing tasks still running", count=len(self._tasks))
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._fatal is not None:
+            return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, str(self._fatal))
+        return Outcome(0, Phase.PILOT_PHASE_DONE, self._drain_reason or "done")
+
+    async def _finish(self, intake: Intake) -> None:
+        for item in intake.take_ready():
+            await self._nack(
+                item, "the pilot stopped before starting this event", dead_letter=False
+            )
+        await intake.close()
+        await self._inputs.close()
+        if self._outputs is not self._inputs:
+            await self._outputs.close()
+
+    # -- one event -----------------------------------------------------------------------------
+
+    async def _handle(self, item: Received, slot: int) -> None:
+        event = item.delivery.event
+        job = event.event_id
+        r = _Run(slot)
+        self.counters.events_received += 1
+        self._changed()
+        self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_STARTED)
+        r.mark("job.started")
+        self.sink.emit(
+            "job.started",
+            job,
+            thread=slot,
+            event_id=job,
+            queue=item.queue_id,
+            attempt=event.attempt,
+        )
+        paths = None
+        try:
+            paths = task_io.make_task_dir(
+                self.s.data_dir,
+                event,
+                self.s.infile_ext,
+                self.s.outfile_ext,
+                self.runtime.maps_paths,
+            )
+            self._stage("stage_in", r, job)
+            r.bytes_in = task_io.write_infile(paths, event, self.s.infile_ext)
+            self._stage("stage_in", r, job, finished=True, bytes=r.bytes_in)
+
+            self._stage("execution", r, job)
+            r.result = await self._execute(paths)
+            self._stage(
+                "execution",
+                r,
+                job,
+                finished=True,
+                executable=self._executable(),
+                exit_status=r.result.exit_code,
+            )
+
+            self._stage("stage_out", r, job)
+            outputs, r.bytes_out = task_io.read_outputs(
+                paths, self.s.outfile_ext, self.s.max_event_bytes, event
+            )
+            await self._publish(outputs)
+            self._stage("stage_out", r, job, finished=True, bytes=r.bytes_out)
+        except asyncio.CancelledError:
+            await self._nack(item, "the pilot stopped before the task finished", dead_letter=False)
+            self.counters.tasks_failed += 1
+            self._failed(item, r, PilotStopped("the pilot stopped before the task finished"), paths)
+            raise
+        except TaskError as exc:
+            if isinstance(exc, ContainerRunError) and r.result is None:
+                r.result = exc.result
+            stopping = self.s.stop_listening_on_task_error and not exc.matches(self.s.okay_errors)
+            if stopping:
+                self._fatal = self._fatal or exc
+                self.drain("a task failed (EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR)")
+                # Else the nack would hand the event straight back to this pilot.
+                await self._pause_intake()
+            await self._nack(item, str(exc), dead_letter=exc.dead_letter)
+            self.counters.tasks_failed += 1
+            self.last_error = str(exc)
+            self._failed(item, r, exc, paths)
+            return
+        except OSError as exc:
+            # The task directory could not be made or read: this worker's disk, not the event.
+            error = TaskError(f"task files: {exc}")
+            await self._nack(item, str(error), dead_letter=False)
+            self.counters.tasks_failed += 1
+            self.last_error = str(error)
+            self._failed(item, r, error, paths)
+            self._fatal = self._fatal or error
+            self.drain("the task directory failed")
+            return
+        await self._ack(item)
+        self.counters.tasks_succeeded += 1
+        self._changed()
+        self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_FINISHED, r)
+        self.sink.emit(
+            "job.finished",
+            job,
+            executable=self._executable(),
+            exit_status=0,
+            thread=slot,
+            metrics=self._metrics(r),
+            error=None,
+        )
+        if paths is not None:
+            if self.s.dump_task_output:
+                self._dump(paths.stdout, paths.stderr, job)
+            if not self.s.keep_all_task_files:
+                task_io.remove(paths.root)
+
+    def _executable(self) -> str:
+        argv = task_io.build_argv(self.s.task_args, {})
+        return self._task_image or (argv[0] if argv else "")
+
+    async def _execute(self, paths: task_io.TaskPaths) -> RunResult:
+        mounts = (
+            Mount(paths.task_io, paths.task_io_seen, True),
+            Mount(paths.hub, paths.hub_seen, True),
+            *self._external_mounts(),
+        )
+        spec = TaskSpec(
+            alias="task",
+            image=self._task_image,
+            argv=task_io.build_argv(self.s.task_args, paths.replacements()),
+            env={**self.s.task_env, **paths.task_env()},
+            workdir=paths.task_io,
+            mounts=mounts,
+            workdir_target=paths.task_io_seen,
+        )
+        try:
+            launch = self.runtime.launch(spec)
+        except RuntimeSetupError as exc:
+            raise ContainerRunError(f"task: {exc}") from None
+        try:
+            return await run(
+                launch,
+                paths.stdout,
+                paths.stderr,
+                alias="task",
+                time_limit=self.s.task_timeout,
+                kill_grace=self.s.kill_grace,
+            )
+        finally:
+            if launch.container_name:
+                await asyncio.shield(self.runtime.cleanup(launch))
+
+    async def _publish(self, outputs: list[queue_pb2.Event]) -> None:
+        """Publish every output to every output queue; returns once all are confirmed."""
+        queues = self.s.outgoing.queues
+        if not outputs:
+            return
+        if not queues:
+            log.warning("task outputs dropped: the pilot has no output queue", count=len(outputs))
+            return
+        for event in outputs:
+            event.provenance.worker_id = self.s.worker_id
+            if self.s.taskforce_uuid:
+                event.provenance.taskforce_uuid = self.s.taskforce_uuid
+        try:
+            await asyncio.gather(*(self._outputs.publish(q, outputs) for q in queues))
+        except EventTooLarge as exc:
+            raise OutputTooLargeError(str(exc)) from None
+        except QueueError as exc:
+            raise OutputPublishError(f"publishing the outputs failed: {exc}") from None
+        self.counters.events_published += len(outputs) * len(queues)
+
+    async def _ack(self, item: Received) -> None:
+        try:
+            await item.subscription.ack(item.delivery)
+        except QueueError as exc:
+            # The outputs are out; the input comes back and will run again (at-least-once).
+            log.warning(
+                "ack failed after the outputs were published: the event will be redelivered "
+                "and its outputs may be duplicated",
+                event_id=item.delivery.event.event_id,
+                error=str(exc),
+            )
+
+    async def _nack(self, item: Received, error: str, *, dead_letter: bool) -> None:
+        try:
+            await asyncio.shield(
+                item.subscription.nack(item.delivery, error, dead_letter=dead_letter)
+            )
+        except QueueError as exc:
+            log.warning(
+                "nack failed: the event returns to its queue when the subscription ends",
+                event_id=item.delivery.event.event_id,
+                error=str(exc),
+            )
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def _stage(
+        self, stage: str, r: _Run, job: str, *, finished: bool = False, **fields: Any
+    ) -> None:
+        key = f"{stage}.{'finished' if finished else 'started'}"
+        now = r.mark(key)
+        if finished:
+            fields["time"] = now - r.timestamps[f"{stage}.started"]
+            r.durations[stage] = fields["time"]
+        self.sink.emit(f"job.{key}", job, **fields)
+
+    def _metrics(self, r: _Run) -> dict[str, Any]:
+        res = r.result
+        return {
+            "executor": self.s.worker_id,
+            "thread": r.slot,
+            "timestamps": dict(r.timestamps),
+            "stage_in": r.durations.get("stage_in"),
+            "execution": r.durations.get("execution"),
+            "stage_out": r.durations.get("stage_out"),
+            "input_size": r.bytes_in,
+            "output_size": r.bytes_out,
+            "cpu_user": res.cpu_user if res else None,
+            "cpu_system": res.cpu_system if res else None,
+            "max_rss_bytes": res.max_rss_bytes if res else None,
+        }
+
+    def _lifecycle(
+        self,
+        event: queue_pb2.Event,
+        kind: pilot_service_pb2.TaskEventKind.ValueType,
+        r: _Run | None = None,
+        error: str = "",
+    ) -> None:
+        if not self.reporter:
+            return
+        msg = pilot_service_pb2.TaskLifecycleEvent(
+            event_id=event.event_id,
+            kind=kind,
+            error=error,
+            timestamp=_ts(),  # type: ignore[arg-type]
+        )
+        if r is not None:
+            res = r.result
+            msg.metrics.CopyFrom(
+                pilot_service_pb2.TaskMetrics(
+                    wall_seconds=res.wall_seconds if res else 0.0,
+                    cpu_seconds=(res.cpu_user + res.cpu_system) if res else 0.0,
+                    max_rss_bytes=res.max_rss_bytes if res else 0,
+                    exit_code=res.exit_code if res else 0,
+                    bytes_in=r.bytes_in,
+                    bytes_out=r.bytes_out,
+                )
+            )
+        self.reporter.task_event(msg)
+
+    def _failed(
+        self, item: Received, r: _Run, error: TaskError, paths: task_io.TaskPaths | None
+    ) -> None:
+        event = item.delivery.event
+        self._changed()
+        self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_FAILED, r, str(error))
+        exit_status = r.result.exit_code if r.result else -1
+        self.sink.emit(
+            "job.finished",
+            event.event_id,
+            executable=self._executable(),
+            exit_status=exit_status,
+            thread=r.slot,
+            metrics=self._metrics(r),
+            error=str(error),
+        )
+        log.warning(
+            "task failed",
+            event_id=event.event_id,
+            attempt=event.attempt,
+            error=str(error),
+            kind=type(error).__name__,
+            directory=str(paths.root) if paths else None,
+        )
+        if paths is not None:
+            self._dump(paths.stdout, paths.stderr, event.event_id)
+
+    def _dump(self, stdout: Any, stderr: Any, what: str) -> None:
+        for name, path in (("stdout", stdout), ("stderr", stderr)):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, 2)
+                    size = f.tell()
+                    f.seek(max(0, size - DUMP_BYTES))
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if text:
+                log.info(f"task {name}", task=what, truncated=size > DUMP_BYTES, text=text)

@@ -1,0 +1,623 @@
+"""PilotService on a real WMS: a grpc.aio client plays the pilot (hello, status, task events) and
+the WMS keeps each pilot's state, rolls it into its taskforce, and sends drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ewms.v1 import (
+    pilot_service_pb2,
+    pilot_service_pb2_grpc,
+    taskforce_pb2,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
+from services.auth import Role
+from services.errors import field_violations
+from services.wms import RunningWms, start_wms
+from services.wms.pilots import RECENT_TASK_EVENTS, ChangeKind, PilotChange, PilotState
+from tests.conftest import bearer, wms_settings
+from tests.wms.requests import minimal_task, workflow_request
+
+ps = pilot_service_pb2
+ws = workflow_service_pb2
+Phase = taskforce_pb2.PilotPhase
+Stub = workflow_service_pb2_grpc.WorkflowServiceStub
+Metadata = tuple[tuple[str, str], ...]
+TIMEOUT = 10.0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait until ``check`` holds; fail after TIMEOUT seconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {TIMEOUT} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+class PilotStream:
+    """One pilot's Connect stream, driven by the test."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        stub = pilot_service_pb2_grpc.PilotServiceStub(channel)
+        self.call = stub.Connect(metadata=bearer(token))
+
+    async def send(self, **kind: Any) -> None:
+        await self.call.write(ps.PilotServiceConnectRequest(**kind))
+
+    async def hello(
+        self, taskforce_uuid: str, worker_id: str = "1.0", host: str = "node-1"
+    ) -> ps.PilotServiceConnectResponse:
+        """Say hello and return the WMS's answer."""
+        hello = ps.PilotHello(
+            taskforce_uuid=taskforce_uuid, worker_id=worker_id, host=host, pilot_version="0.1.0"
+        )
+        await self.send(hello=hello)
+        return await self.read()
+
+    async def status(
+        self,
+        phase: taskforce_pb2.PilotPhase.ValueType = Phase.PILOT_PHASE_TASKING,
+        last_error: str = "",
+        **counters: int,
+    ) -> None:
+        status = ps.PilotStatus(
+            phase=phase, counters=taskforce_pb2.TaskCounters(**counters), last_error=last_error
+        )
+        await self.send(status=status)
+
+    async def read(self) -> ps.PilotServiceConnectResponse:
+        """The next message from the WMS (the stream must not end)."""
+        msg = await asyncio.wait_for(self.call.read(), TIMEOUT)
+        assert msg is not grpc.aio.EOF, "the WMS ended the stream"
+        return msg  # type: ignore[no-any-return]
+
+    async def failure(self) -> grpc.aio.AioRpcError:
+        """The error the WMS ends the stream with (messages before it are skipped)."""
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await asyncio.wait_for(self.call.read(), TIMEOUT) is not grpc.aio.EOF:
+                pass
+        return err.value
+
+    async def ended_cleanly(self) -> bool:
+        """Whether the WMS ends the stream with OK once the messages before it are read."""
+        while await asyncio.wait_for(self.call.read(), TIMEOUT) is not grpc.aio.EOF:
+            pass
+        return bool(await self.call.code() == grpc.StatusCode.OK)
+
+
+Connect = Callable[..., PilotStream]
+
+
+@pytest.fixture
+async def connect(wms: RunningWms, channel: grpc.aio.Channel) -> AsyncIterator[Connect]:
+    """Open a pilot stream: ``connect(taskforce_uuid)`` with a pilot token scoped to it, or with
+    ``token=``. Every stream is cancelled after the test."""
+    streams: list[PilotStream] = []
+
+    def open_stream(taskforce_uuid: str = "", token: str = "") -> PilotStream:
+        token = token or wms.authority.mint("pilot", Role.PILOT, 3600, scope=taskforce_uuid)
+        stream = PilotStream(channel, token)
+        streams.append(stream)
+        return stream
+
+    yield open_stream
+    for stream in streams:
+        stream.call.cancel()
+
+
+@pytest.fixture
+async def created(workflows: Stub, alice: Metadata) -> ws.CreateWorkflowResponse:
+    """alice's workflow with two taskforces (at local and osg)."""
+    request = workflow_request(minimal_task(cluster_locations=["local", "osg"]))
+    return await workflows.CreateWorkflow(request, metadata=alice)
+
+
+@pytest.fixture
+def taskforce_uuid(created: ws.CreateWorkflowResponse) -> str:
+    return created.taskforces[0].taskforce_uuid
+
+
+async def pilot_state(wms: RunningWms, taskforce_uuid: str, worker_id: str) -> PilotState:
+    return next(p for p in await wms.pilots.pilots(taskforce_uuid) if p.worker_id == worker_id)
+
+
+async def stored_taskforce(
+    workflows: Stub, alice: Metadata, taskforce_uuid: str
+) -> taskforce_pb2.Taskforce:
+    return await workflows.GetTaskforce(
+        ws.GetTaskforceRequest(taskforce_uuid=taskforce_uuid), metadata=alice
+    )
+
+
+# --- Hello ----------------------------------------------------------------------------------------
+
+
+async def test_hello_is_answered_with_welcome(connect: Connect, taskforce_uuid: str) -> None:
+    answer = await connect(taskforce_uuid).hello(taskforce_uuid)
+
+    assert answer == ps.PilotServiceConnectResponse(
+        welcome=ps.PilotWelcome(taskforce_uuid=taskforce_uuid)
+    )
+
+
+async def test_first_message_other_than_hello_is_invalid_argument(
+    connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+
+    await stream.send(status=ps.PilotStatus(phase=Phase.PILOT_PHASE_STARTED))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err)] == ["hello"]
+
+
+@pytest.mark.parametrize("missing", ["taskforce_uuid", "worker_id"])
+async def test_hello_without_a_required_field_names_it(
+    connect: Connect, taskforce_uuid: str, missing: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    hello = ps.PilotHello(taskforce_uuid=taskforce_uuid, worker_id="1.0")
+    hello.ClearField(missing)  # type: ignore[arg-type]
+
+    await stream.send(hello=hello)
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err) == [(f"hello.{missing}", "required")]
+
+
+async def test_second_hello_is_invalid_argument(connect: Connect, taskforce_uuid: str) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+
+    await stream.send(hello=ps.PilotHello(taskforce_uuid=taskforce_uuid, worker_id="1.0"))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err)] == ["hello"]
+
+
+async def test_hello_for_an_unknown_taskforce_is_not_found(connect: Connect) -> None:
+    unknown = "TF-0000-0000-00000000"
+    stream = connect(unknown)
+
+    await stream.send(hello=ps.PilotHello(taskforce_uuid=unknown, worker_id="1.0"))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_pilot_token_of_another_taskforce_is_permission_denied(
+    connect: Connect, created: ws.CreateWorkflowResponse
+) -> None:
+    mine, other = (tf.taskforce_uuid for tf in created.taskforces)
+    stream = connect(mine)
+
+    await stream.send(hello=ps.PilotHello(taskforce_uuid=other, worker_id="1.0"))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_admin_may_connect_for_any_taskforce(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(token=wms.authority.mint("root", Role.ADMIN, 3600))
+
+    answer = await stream.hello(taskforce_uuid)
+
+    assert answer.welcome.taskforce_uuid == taskforce_uuid
+
+
+async def test_task_event_of_unspecified_kind_is_invalid_argument(
+    connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+
+    await stream.send(task_event=ps.TaskLifecycleEvent(event_id="EV-1"))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err)] == ["task_event.kind"]
+
+
+# --- Status and roll-up ---------------------------------------------------------------------------
+
+
+async def test_status_is_kept_as_the_pilots_latest_state(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid, worker_id="7.0", host="node-7")
+
+    await stream.status(Phase.PILOT_PHASE_STARTED)
+    await stream.status(Phase.PILOT_PHASE_TASKING, "boom", events_received=3, tasks_failed=1)
+
+    async def latest() -> bool:
+        return (await pilot_state(wms, taskforce_uuid, "7.0")).last_error == "boom"
+
+    await eventually(latest, "the second status is applied")
+    pilot = await pilot_state(wms, taskforce_uuid, "7.0")
+    assert (pilot.host, pilot.pilot_version, pilot.connected) == ("node-7", "0.1.0", True)
+    assert pilot.phase == Phase.PILOT_PHASE_TASKING
+    assert (pilot.counters.events_received, pilot.counters.tasks_failed) == (3, 1)
+
+
+async def test_taskforce_counters_are_the_sum_over_its_pilots(
+    connect: Connect, workflows: Stub, alice: Metadata, taskforce_uuid: str
+) -> None:
+    one, two = connect(taskforce_uuid), connect(taskforce_uuid)
+    await one.hello(taskforce_uuid, worker_id="1.0")
+    await two.hello(taskforce_uuid, worker_id="1.1")
+
+    await one.status(events_received=5, tasks_succeeded=4, tasks_failed=1, events_published=4)
+    await two.status(events_received=2, tasks_succeeded=2, events_published=2)
+
+    want = taskforce_pb2.TaskCounters(
+        events_received=7, tasks_succeeded=6, tasks_failed=1, events_published=6
+    )
+
+    async def summed() -> bool:
+        return (await stored_taskforce(workflows, alice, taskforce_uuid)).counters == want
+
+    await eventually(summed, "GetTaskforce shows the summed counters")
+
+
+async def test_top_task_errors_count_pilots_by_their_last_error(
+    connect: Connect, workflows: Stub, alice: Metadata, taskforce_uuid: str
+) -> None:
+    one, two, three = (connect(taskforce_uuid) for _ in range(3))
+    await one.hello(taskforce_uuid, worker_id="1.0")
+    await two.hello(taskforce_uuid, worker_id="1.1")
+    await three.hello(taskforce_uuid, worker_id="1.2")
+
+    await one.status(last_error="disk full")
+    await one.status(last_error="exit code 1")  # replaces its earlier error
+    await two.status(last_error="exit code 1")
+    await two.status(last_error="exit code 1")  # the same pilot again: still one
+    await three.status(last_error="")  # no error: not counted
+
+    async def counted() -> bool:
+        tf = await stored_taskforce(workflows, alice, taskforce_uuid)
+        return dict(tf.top_task_errors) == {"exit code 1": 2}
+
+    await eventually(counted, "GetTaskforce shows the errors counted by pilots")
+
+
+async def test_list_taskforces_shows_the_rolled_up_counters(
+    connect: Connect, workflows: Stub, alice: Metadata, created: ws.CreateWorkflowResponse
+) -> None:
+    uuid = created.taskforces[1].taskforce_uuid
+    stream = connect(uuid)
+    await stream.hello(uuid)
+
+    await stream.status(events_received=9, last_error="oops")
+
+    async def listed() -> bool:
+        resp = await workflows.ListTaskforces(
+            ws.ListTaskforcesRequest(workflow_id=created.workflow.workflow_id), metadata=alice
+        )
+        by_uuid = {tf.taskforce_uuid: tf for tf in resp.taskforces}
+        return by_uuid[uuid].counters.events_received == 9 and dict(
+            by_uuid[uuid].top_task_errors
+        ) == {"oops": 1}
+
+    await eventually(listed, "ListTaskforces shows the roll-up")
+
+
+async def test_a_flood_of_statuses_makes_few_store_transactions(
+    wms: RunningWms, connect: Connect, workflows: Stub, alice: Metadata, taskforce_uuid: str
+) -> None:
+    n = 1000
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+    before = wms.pilots.flushes
+
+    for i in range(1, n + 1):
+        await stream.status(events_received=i)
+
+    async def all_stored() -> bool:
+        tf = await stored_taskforce(workflows, alice, taskforce_uuid)
+        return tf.counters.events_received == n
+
+    await eventually(all_stored, "the last status is stored")
+    assert wms.pilots.flushes - before <= n // 40
+
+
+# --- Streams ending ------------------------------------------------------------------------------
+
+
+async def test_reconnect_replaces_the_previous_stream(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    first, second = connect(taskforce_uuid), connect(taskforce_uuid)
+    await first.hello(taskforce_uuid, worker_id="3.0")
+
+    await second.hello(taskforce_uuid, worker_id="3.0")
+
+    err = await first.failure()
+    assert err.code() == grpc.StatusCode.ABORTED
+    assert (await pilot_state(wms, taskforce_uuid, "3.0")).connected
+
+
+async def test_replaced_streams_statuses_are_ignored(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    first, second = connect(taskforce_uuid), connect(taskforce_uuid)
+    await first.hello(taskforce_uuid, worker_id="3.0")
+    await second.hello(taskforce_uuid, worker_id="3.0")
+    await first.failure()
+
+    await second.status(events_received=2)
+
+    async def applied() -> bool:
+        return (await pilot_state(wms, taskforce_uuid, "3.0")).counters.events_received == 2
+
+    await eventually(applied, "the newer stream's status is applied")
+
+
+async def test_ended_stream_marks_its_pilot_disconnected_with_its_last_phase(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+    await stream.status(Phase.PILOT_PHASE_DONE)
+
+    await stream.call.done_writing()
+
+    assert await stream.ended_cleanly()
+
+    async def disconnected() -> bool:
+        return not (await pilot_state(wms, taskforce_uuid, "1.0")).connected
+
+    await eventually(disconnected, "the pilot is disconnected")
+    assert (await pilot_state(wms, taskforce_uuid, "1.0")).phase == Phase.PILOT_PHASE_DONE
+
+
+async def test_cancelled_stream_marks_its_pilot_disconnected(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+
+    stream.call.cancel()
+
+    async def disconnected() -> bool:
+        return not (await pilot_state(wms, taskforce_uuid, "1.0")).connected
+
+    await eventually(disconnected, "the pilot is disconnected")
+
+
+# --- Restart and shutdown ------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(data_dir: Path) -> AsyncIterator[RunningWms]:
+    wms = await start_wms(wms_settings(data_dir))
+    try:
+        yield wms
+    finally:
+        await wms.stop(grace=None)
+
+
+async def test_pilot_state_and_roll_up_survive_a_wms_restart(data_dir: Path) -> None:
+    async with running(data_dir) as first, grpc.aio.insecure_channel(first.address) as channel:
+        alice = bearer(first.authority.mint("alice", Role.USER, 3600))
+        created = await Stub(channel).CreateWorkflow(workflow_request(), metadata=alice)
+        uuid = created.taskforces[0].taskforce_uuid
+        stream = PilotStream(channel, first.authority.mint("p", Role.PILOT, 3600, scope=uuid))
+        await stream.hello(uuid, worker_id="9.0", host="node-9")
+        await stream.status(Phase.PILOT_PHASE_TASKING, "segfault", tasks_failed=4)
+
+        async def applied() -> bool:
+            return (await pilot_state(first, uuid, "9.0")).counters.tasks_failed == 4
+
+        await eventually(applied, "the status is applied")
+        # Stopped with the stream open and the status possibly not yet flushed.
+
+    async with running(data_dir) as second, grpc.aio.insecure_channel(second.address) as channel:
+        tf = await stored_taskforce(Stub(channel), alice, uuid)
+        pilot = await pilot_state(second, uuid, "9.0")
+
+    assert tf.counters.tasks_failed == 4
+    assert dict(tf.top_task_errors) == {"segfault": 1}
+    assert (pilot.host, pilot.phase, pilot.last_error) == (
+        "node-9",
+        Phase.PILOT_PHASE_TASKING,
+        "segfault",
+    )
+    assert not pilot.connected
+
+
+async def test_wms_shutdown_ends_pilot_streams_as_unavailable(data_dir: Path) -> None:
+    wms = await start_wms(wms_settings(data_dir))
+    async with grpc.aio.insecure_channel(wms.address) as channel:
+        alice = bearer(wms.authority.mint("alice", Role.USER, 3600))
+        created = await Stub(channel).CreateWorkflow(workflow_request(), metadata=alice)
+        uuid = created.taskforces[0].taskforce_uuid
+        stream = PilotStream(channel, wms.authority.mint("p", Role.PILOT, 3600, scope=uuid))
+        await stream.hello(uuid)
+
+        await wms.stop()
+
+        err = await stream.failure()
+
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (err.details() or "")
+
+
+# --- Commands ------------------------------------------------------------------------------------
+
+
+async def test_finish_workflow_drains_connected_pilots(
+    connect: Connect, workflows: Stub, alice: Metadata, created: ws.CreateWorkflowResponse
+) -> None:
+    uuid = created.taskforces[0].taskforce_uuid
+    stream = connect(uuid)
+    await stream.hello(uuid)
+
+    await workflows.FinishWorkflow(
+        ws.FinishWorkflowRequest(workflow_id=created.workflow.workflow_id), metadata=alice
+    )
+
+    assert await stream.read() == ps.PilotServiceConnectResponse(
+        drain=ps.PilotDrain(reason="workflow finished")
+    )
+
+
+async def test_pilot_connecting_after_finish_is_drained_after_its_welcome(
+    connect: Connect, workflows: Stub, alice: Metadata, created: ws.CreateWorkflowResponse
+) -> None:
+    await workflows.FinishWorkflow(
+        ws.FinishWorkflowRequest(workflow_id=created.workflow.workflow_id), metadata=alice
+    )
+    uuid = created.taskforces[1].taskforce_uuid
+    stream = connect(uuid)
+
+    welcome = await stream.hello(uuid)
+
+    assert welcome.WhichOneof("kind") == "welcome"
+    assert (await stream.read()).drain.reason == "workflow finished"
+
+
+async def test_abort_workflow_stops_connected_pilots(
+    connect: Connect, workflows: Stub, alice: Metadata, created: ws.CreateWorkflowResponse
+) -> None:
+    uuid = created.taskforces[0].taskforce_uuid
+    stream = connect(uuid)
+    await stream.hello(uuid)
+
+    await workflows.AbortWorkflow(
+        ws.AbortWorkflowRequest(workflow_id=created.workflow.workflow_id), metadata=alice
+    )
+
+    assert await stream.read() == ps.PilotServiceConnectResponse(
+        stop=ps.PilotStop(reason="workflow aborted")
+    )
+
+
+async def test_pilot_connecting_after_abort_is_stopped_after_its_welcome(
+    connect: Connect, workflows: Stub, alice: Metadata, created: ws.CreateWorkflowResponse
+) -> None:
+    await workflows.AbortWorkflow(
+        ws.AbortWorkflowRequest(workflow_id=created.workflow.workflow_id), metadata=alice
+    )
+    uuid = created.taskforces[0].taskforce_uuid
+    stream = connect(uuid)
+
+    welcome = await stream.hello(uuid)
+
+    assert welcome.WhichOneof("kind") == "welcome"
+    assert (await stream.read()).stop.reason == "workflow aborted"
+
+
+async def test_drain_reaches_every_connected_pilot_of_the_taskforce_only(
+    wms: RunningWms, connect: Connect, created: ws.CreateWorkflowResponse
+) -> None:
+    uuid, other_uuid = (tf.taskforce_uuid for tf in created.taskforces)
+    one, two, other = connect(uuid), connect(uuid), connect(other_uuid)
+    await one.hello(uuid, worker_id="1.0")
+    await two.hello(uuid, worker_id="1.1")
+    await other.hello(other_uuid, worker_id="2.0")
+
+    sent = wms.pilots.drain(uuid, "maintenance")
+
+    assert sent == 2
+    assert (await one.read()).drain.reason == "maintenance"
+    assert (await two.read()).drain.reason == "maintenance"
+    assert wms.pilots.command_of(other_uuid) is None
+
+
+async def test_command_survives_a_wms_restart(data_dir: Path) -> None:
+    async with running(data_dir) as first, grpc.aio.insecure_channel(first.address) as channel:
+        alice = bearer(first.authority.mint("alice", Role.USER, 3600))
+        created = await Stub(channel).CreateWorkflow(workflow_request(), metadata=alice)
+        uuid = created.taskforces[0].taskforce_uuid
+        first.pilots.stop(uuid, "cluster going down")
+
+    async with running(data_dir) as second, grpc.aio.insecure_channel(second.address) as channel:
+        stream = PilotStream(channel, second.authority.mint("p", Role.PILOT, 3600, scope=uuid))
+        await stream.hello(uuid)
+        command = await stream.read()
+        stream.call.cancel()
+
+    assert command.stop.reason == "cluster going down"
+
+
+# --- Task events and listeners -------------------------------------------------------------------
+
+
+async def test_recent_task_events_are_kept_per_taskforce_up_to_a_bound(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+    n = RECENT_TASK_EVENTS + 5
+
+    for i in range(n):
+        event = ps.TaskLifecycleEvent(event_id=f"EV-{i}", kind=ps.TASK_EVENT_KIND_STARTED)
+        await stream.send(task_event=event)
+
+    async def last_arrived() -> bool:
+        events = wms.pilots.recent_task_events(taskforce_uuid)
+        return bool(events) and events[-1].event.event_id == f"EV-{n - 1}"
+
+    await eventually(last_arrived, "the last task event is kept")
+    kept = wms.pilots.recent_task_events(taskforce_uuid)
+    assert [r.event.event_id for r in kept] == [f"EV-{i}" for i in range(5, n)]
+    assert {r.worker_id for r in kept} == {"1.0"}
+
+
+async def test_listener_hears_every_pilot_change(
+    wms: RunningWms, connect: Connect, created: ws.CreateWorkflowResponse, taskforce_uuid: str
+) -> None:
+    heard: list[PilotChange] = []
+    stop_listening = wms.pilots.listen(heard.append)
+    stream = connect(taskforce_uuid)
+
+    await stream.hello(taskforce_uuid)
+    await stream.status(Phase.PILOT_PHASE_TASKING)
+    await stream.send(
+        task_event=ps.TaskLifecycleEvent(event_id="EV-1", kind=ps.TASK_EVENT_KIND_FINISHED)
+    )
+    await stream.call.done_writing()
+    assert await stream.ended_cleanly()
+
+    async def all_heard() -> bool:
+        return len(heard) >= 4
+
+    await eventually(all_heard, "four changes are heard")
+    stop_listening()
+    assert [c.kind for c in heard] == [
+        ChangeKind.CONNECTED,
+        ChangeKind.STATUS,
+        ChangeKind.TASK_EVENT,
+        ChangeKind.DISCONNECTED,
+    ]
+    assert {c.workflow_id for c in heard} == {created.workflow.workflow_id}
+    assert heard[1].pilot.phase == Phase.PILOT_PHASE_TASKING
+    assert heard[2].task_event is not None and heard[2].task_event.event_id == "EV-1"
+
+
+# --- Health --------------------------------------------------------------------------------------
+
+
+async def test_health_reports_the_pilot_service_serving(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+
+    resp = await health.Check(health_pb2.HealthCheckRequest(service="ewms.v1.PilotService"))
+
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
