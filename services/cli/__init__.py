@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from services.cli import events, serve, tokens, workflows
+from services.cli import events, pilot, serve, tokens, workflows
 from services.cli.connection import Connection, resolve_token
 from services.config import ClientSettings, ConfigError
 from services.errors import field_violations
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflows.add_commands(sub, common)
     events.add_commands(sub, common)
     tokens.add_commands(sub, common)
+    pilot.add_commands(sub, common)
     return parser
 
 
@@ -56,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not getattr(args, "needs_wms", True):
-            args.run(args)
-            return 0
+            # Commands without a WMS connection may return their own exit code.
+            return int(args.run(args) or 0)
         settings = ClientSettings.from_env()
         address = args.wms or settings.wms_address
         data_dir = args.data_dir or settings.data_dir

@@ -70,6 +70,11 @@ class StatusReporter:
         self.last_error = ""
         self._dirty = True
         self._urgent = True
+        # Phase changes not yet sent, oldest first (bounded: there are seven phases).
+        self._phases: collections.deque[pilot_service_pb2.PilotStatus] = collections.deque(
+            maxlen=16
+        )
+        self._phases.append(self.status())
         self._task_events: collections.deque[pilot_service_pb2.TaskLifecycleEvent] = (
             collections.deque()
         )
@@ -84,9 +89,10 @@ class StatusReporter:
     # -- what the pilot reports --------------------------------------------------------------
 
     def set_phase(self, phase: int) -> None:
-        """A phase change: sent at once."""
+        """A phase change: sent at once, and never coalesced away (each phase is reported)."""
         if phase != self.phase:
             self.phase = phase  # type: ignore[assignment]
+            self._phases.append(self.status())
             self._dirty = self._urgent = True
             self._wake.set()
 
@@ -152,6 +158,11 @@ class StatusReporter:
                     return
                 log.warning("status stream to the WMS lost", code=exc.code().name)
                 welcomed = False
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                log.warning("status stream to the WMS lost", error=repr(exc))
+                welcomed = False
             finally:
                 self.connected.clear()
                 await channel.close()
@@ -194,6 +205,10 @@ class StatusReporter:
 
     async def _write(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None]) -> None:
         while True:
+            while self._phases:
+                status = self._phases[0]
+                await call.write(pilot_service_pb2.PilotServiceConnectRequest(status=status))
+                self._phases.popleft()
             while self._task_events:
                 event = self._task_events[0]
                 await call.write(pilot_service_pb2.PilotServiceConnectRequest(task_event=event))

@@ -3,6 +3,9 @@ every bad variable."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,19 @@ def test_rabbitmq_address_gets_the_token_as_password() -> None:
     assert amqp_url("user@host/vhost", "t") == "amqp://user:t@host/vhost"
     with pytest.raises(ValueError):
         amqp_url("http://host", "t")
+
+
+def test_ewms_pilot_with_a_bad_configuration_exits_2_listing_the_problems() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EWMS_")}
+    env["EWMS_PILOT_MAX_CONCURRENT_TASKS"] = "many"
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "pilot"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "EWMS_PILOT_QUEUE_INCOMING: required" in done.stderr
+    assert "EWMS_PILOT_MAX_CONCURRENT_TASKS='many'" in done.stderr

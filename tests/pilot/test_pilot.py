@@ -3,14 +3,22 @@ input queue through the task to every output queue, and everything that can go w
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from ewms.v1 import queue_pb2
+from ewms.v1 import event_service_pb2, queue_pb2, taskforce_pb2
+from services.events.amqp import AmqpConnection
+from services.pilot.hyperflow import EventsSubscription, declare_exchange
+from services.wms import start_wms
+from services.wms.pilots import ChangeKind, PilotChange
+from tests.conftest import RABBITMQ_URL
+from tests.events.conftest import settings_for
 from tests.pilot.conftest import PilotEnv, wait_for
 
 PY = sys.executable
@@ -181,8 +189,6 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_complete(penv: Pil
     assert payloads(await penv.outputs("out", 9)) == sorted(sent[:9])
     stats = await penv.stats("in")
     assert (stats.ready, stats.in_flight, stats.dead_lettered) == (0, 0, 1)
-    from ewms.v1 import event_service_pb2
-
     dead = await penv.q.events.ListDeadLetters(
         event_service_pb2.ListDeadLettersRequest(queue_id=penv.queue("in").queue_id),
         metadata=penv.q.alice,
@@ -319,3 +325,130 @@ async def test_idle_pilot_without_events_ends_cleanly(penv: PilotEnv) -> None:
     )
     assert await pilot.wait() == 0
     assert "waited 0.5s for an event" in pilot.log()
+
+
+async def test_the_wms_sees_every_phase_in_order(penv: PilotEnv) -> None:
+    phases: list[int] = []
+
+    def on_change(change: PilotChange) -> None:
+        if change.kind == ChangeKind.STATUS and (not phases or phases[-1] != change.pilot.phase):
+            phases.append(change.pilot.phase)
+
+    penv.q.wms.pilots.listen(on_change)
+    await penv.publish([b"a", b"b"])
+    code = await penv.run_pilot("cp {{INFILE}} {{OUTFILE}}", EWMS_PILOT_INIT_ARGS="true")
+    assert code == 0
+
+    async def done() -> bool:
+        return taskforce_pb2.PILOT_PHASE_DONE in phases
+
+    await wait_for(done, what="the DONE phase")
+    assert phases == [
+        taskforce_pb2.PILOT_PHASE_STARTED,
+        taskforce_pb2.PILOT_PHASE_RUNNING_INIT,
+        taskforce_pb2.PILOT_PHASE_AWAITING_FIRST_EVENT,
+        taskforce_pb2.PILOT_PHASE_TASKING,
+        taskforce_pb2.PILOT_PHASE_DONE,
+    ]
+
+
+async def test_the_pilot_keeps_working_across_a_wms_restart(penv: PilotEnv) -> None:
+    pilot = await penv.start_pilot(
+        "cp {{INFILE}} {{OUTFILE}}", EWMS_PILOT_TIMEOUT_QUEUE_INCOMING="60"
+    )
+    await penv.publish([b"before"])
+    assert payloads(await penv.outputs("out", 1)) == [b"before"]
+    old = penv.q.wms
+    await old.stop(grace=None)
+    penv.q.wms = await start_wms(
+        settings_for(
+            penv.backend,
+            penv.tmp / "wms-data",
+            max_event_bytes=1024 * 1024,
+            grpc_port=old.port,
+        )
+    )
+    # The same channel reconnects to the restarted WMS; the pilot re-subscribes on its own.
+    await penv.publish([b"after"])
+    # At-least-once: an ack in flight when the WMS stopped may bring "before" round again.
+    seen: list[bytes] = []
+    while b"after" not in seen:
+        seen += payloads(await penv.outputs("out", 1))
+    assert set(seen) <= {b"before", b"after"}
+
+    async def reconnected() -> bool:
+        [state] = await penv.q.wms.pilots.pilots(penv.taskforce_uuid)
+        return state.connected and state.counters.tasks_succeeded >= 2
+
+    await wait_for(reconnected, what="the pilot's status on the restarted WMS")
+    pilot.signal(signal.SIGTERM)
+    assert await pilot.wait() == 0
+
+
+async def test_bwrap_runs_each_task_sandboxed(penv: PilotEnv) -> None:
+    if penv.backend != "embedded":
+        pytest.skip("the runtime does not depend on the queue backend")
+    outside = penv.tmp / "outside.txt"
+    await penv.publish([b"sandboxed"])
+    task = f"sh -c 'cp {{{{INFILE}}}} {{{{OUTFILE}}}}; echo escaped > {outside} 2>/dev/null; true'"
+    assert await penv.run_pilot(task, EWMS_PILOT_RUNTIME="bwrap") == 0
+    assert payloads(await penv.outputs("out", 1)) == [b"sandboxed"]
+    assert not outside.exists()
+
+
+async def test_lifecycle_events_reach_the_hyperflow_exchange_under_its_routing_keys(
+    penv: PilotEnv,
+) -> None:
+    if penv.backend != "rabbitmq":
+        pytest.skip("the monitoring exchange is on RabbitMQ")
+    exchange = f"ewms-test-events-{secrets.token_hex(4)}"
+    connection = await AmqpConnection.open(RABBITMQ_URL, name="test-events")
+    try:
+        await declare_exchange(connection, exchange)
+        sub = await EventsSubscription.open(RABBITMQ_URL, exchange, ["#"])
+        [event_id] = await penv.publish([b"watched"])
+        code = await penv.run_pilot(
+            "cp {{INFILE}} {{OUTFILE}}",
+            EWMS_PILOT_EVENTS_EXCHANGE=exchange,
+            EWMS_PILOT_EVENTS_URL=RABBITMQ_URL,
+            EWMS_PILOT_WORKER_ID="executor-7",
+        )
+        assert code == 0
+        got: dict[str, dict[str, object]] = {}
+
+        async def collect() -> None:
+            async for received in sub:
+                fields = received.fields()
+                assert fields is not None
+                got[received.routing_key] = fields
+                if received.routing_key == f"job.{event_id}.finished":
+                    return
+
+        await asyncio.wait_for(collect(), 30)
+        await sub.close()
+    finally:
+        channel = await connection.channel()
+        await channel.delete_exchange(exchange)
+        await connection.close()
+    job = f"job.{event_id}"
+    assert list(got) == [
+        "executor.ready",
+        f"{job}.started",
+        f"{job}.stage_in.started",
+        f"{job}.stage_in.finished",
+        f"{job}.execution.started",
+        f"{job}.execution.finished",
+        f"{job}.stage_out.started",
+        f"{job}.stage_out.finished",
+        f"{job}.finished",
+    ]
+    assert all(f["executor"] == "executor-7" for f in got.values())
+    assert got["executor.ready"]["hostname"]
+    assert got[f"{job}.execution.finished"]["exit_status"] == 0
+    assert got[f"{job}.stage_in.finished"]["bytes"] == len(b"watched")
+    finished = got[f"{job}.finished"]
+    assert finished["exit_status"] == 0 and finished["executable"] == "cp"
+    metrics = finished["metrics"]
+    assert isinstance(metrics, dict)
+    assert metrics["input_size"] == metrics["output_size"] == len(b"watched")
+    assert metrics["execution"] > 0 and metrics["max_rss_bytes"] > 0
