@@ -20,6 +20,7 @@ from services.wms.pilots import ChangeKind, PilotChange
 from tests.conftest import RABBITMQ_URL
 from tests.events.conftest import settings_for
 from tests.pilot.conftest import PilotEnv, wait_for
+from tests.pilot.test_runtimes import busybox_image  # noqa: F401 (a fixture)
 
 PY = sys.executable
 FAIL_ON_POISON = (
@@ -452,3 +453,23 @@ async def test_lifecycle_events_reach_the_hyperflow_exchange_under_its_routing_k
     assert isinstance(metrics, dict)
     assert metrics["input_size"] == metrics["output_size"] == len(b"watched")
     assert metrics["execution"] > 0 and metrics["max_rss_bytes"] > 0
+
+
+async def test_podman_runs_each_task_in_a_container(
+    penv: PilotEnv,
+    busybox_image: str,  # noqa: F811 (the fixture)
+) -> None:
+    if penv.backend != "embedded":
+        pytest.skip("the runtime does not depend on the queue backend")
+    await penv.publish([b"contained"])
+    task = "sh -c 'cat {{INFILE}} > {{OUTFILE}}; echo \" in $EWMS_TASK_OUTFILE\" >> {{OUTFILE}}'"
+    code = await penv.run_pilot(
+        task, EWMS_PILOT_RUNTIME="podman", EWMS_PILOT_TASK_IMAGE=busybox_image
+    )
+    assert code == 0
+    [got] = await penv.outputs("out", 1)
+    assert got.payload.decode().split() == [
+        "contained",
+        "in",
+        "/ewms-pilot-data/task-io/" + ("outfile-" + got.provenance.input_event_id + ".out"),
+    ]
