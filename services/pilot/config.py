@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from services.events.client import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_EVENT_BYTES
+from services.pilot.chirp import chirp_config_present
 from services.pilot.runtimes import RUNTIMES
 
 T = TypeVar("T")
@@ -317,6 +318,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
             r.problem(f"{name}={level!r}: must be one of {', '.join(LOG_LEVELS)}")
 
     htchirp = r.boolean("EWMS_PILOT_HTCHIRP", False)
+    if htchirp and not chirp_config_present():
+        r.problem(
+            "EWMS_PILOT_HTCHIRP: chirps need an HTCondor job "
+            "($_CONDOR_CHIRP_CONFIG or ./.chirp.config); unset it outside HTCondor"
+        )
     htchirp_dest = r.text("EWMS_PILOT_HTCHIRP_DEST", "JOB_ATTR").upper()
     if htchirp_dest not in ("JOB_ATTR", "JOB_EVENT_LOG"):
         r.problem(f"EWMS_PILOT_HTCHIRP_DEST={htchirp_dest!r}: must be JOB_ATTR or JOB_EVENT_LOG")

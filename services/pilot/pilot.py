@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ewms.v1 import pilot_service_pb2, queue_pb2, taskforce_pb2
 from services.events.client import EventTooLarge, QueueError
 from services.pilot import task_io
+from services.pilot.chirp import Chirper
 from services.pilot.config import PilotSettings
 from services.pilot.failures import (
     ContainerRunError,
@@ -106,11 +107,13 @@ class Pilot:
         *,
         reporter: StatusReporter | None = None,
         sink: EventsSink | None = None,
+        chirper: Chirper | None = None,
     ) -> None:
         self.s = settings
         self.runtime = runtime
         self.reporter = reporter
         self.sink: EventsSink = sink or NoEvents()
+        self.chirper = chirper
         self.counters = taskforce_pb2.TaskCounters()
         self.last_error = ""
         self._phase: int = Phase.PILOT_PHASE_STARTED
@@ -162,21 +165,29 @@ class Pilot:
         log.info("phase", phase=Phase.Name(phase))  # type: ignore[arg-type]
         if self.reporter:
             self.reporter.set_phase(phase)
+        if self.chirper:
+            self.chirper.phase(phase)
 
     def _changed(self) -> None:
         if self.reporter:
             self.reporter.counters.CopyFrom(self.counters)
             self.reporter.last_error = self.last_error
             self.reporter.changed()
+        if self.chirper:
+            self.chirper.counters(self.counters)
 
     # -- the whole life ------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run until drained, idle, or failed; returns the process exit code."""
+        if self.chirper:
+            self.chirper.started()
         outcome = await self._run()
         if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR:
             self.last_error = self.last_error or outcome.reason
             self._changed()
+            if self.chirper:
+                self.chirper.error(outcome.reason)
         self._set_phase(outcome.phase)
         log.info(
             "pilot finished",
@@ -192,6 +203,8 @@ class Pilot:
             log.warning("quarantine before exiting", seconds=self.s.quarantine_time)
             await self._sleep_unless_stopped(self.s.quarantine_time)
         await self.sink.close()
+        if self.chirper:
+            await self.chirper.close()
         if self.reporter:
             await self.reporter.close()
         return outcome.exit_code

@@ -17,6 +17,7 @@ import structlog
 from ewms.v1 import pilot_service_pb2
 from services.events.client import QueueError
 from services.logs import configure_logging
+from services.pilot.chirp import Chirper, htchirp_sender
 from services.pilot.config import PilotConfigError, PilotSettings, describe, load_settings
 from services.pilot.pilot import EventsSink, Pilot
 from services.pilot.runtimes import RuntimeOptions, make_runtime
@@ -75,7 +76,12 @@ async def run_pilot(settings: PilotSettings) -> int:
             on_drain=lambda reason: pilot.drain(f"the WMS asked: {reason}"),
             on_stop=lambda reason: pilot.stop(f"the WMS asked: {reason}"),
         )
-    pilot = Pilot(settings, runtime, reporter=reporter, sink=sink)
+    chirper = None
+    if settings.htchirp:
+        chirper = Chirper(
+            htchirp_sender(settings.htchirp_dest), settings.htchirp_ratelimit_interval
+        )
+    pilot = Pilot(settings, runtime, reporter=reporter, sink=sink, chirper=chirper)
     pilot.install_signal_handlers()
     if reporter:
         reporter.start()
