@@ -51,6 +51,11 @@ class QueueNotFound(QueueError):
     """No such queue."""
 
 
+class QueueClosed(QueueError):
+    """The queue's workflow was finished or aborted: it takes no new events (gRPC
+    FAILED_PRECONDITION); what it holds can still be consumed."""
+
+
 class Subscription(Protocol):
     """An open consumer of one queue. Iterate for deliveries; ack or nack each one."""
 

@@ -19,6 +19,7 @@ from services.events.client import (
     DEFAULT_MAX_EVENT_BYTES,
     EventTooLarge,
     QueueAccessDenied,
+    QueueClosed,
     QueueError,
     QueueNotFound,
 )
@@ -54,6 +55,8 @@ def queue_error(exc: grpc.aio.AioRpcError, queue_id: str) -> QueueError:
         return QueueAccessDenied(text)
     if code == grpc.StatusCode.NOT_FOUND:
         return QueueNotFound(text)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return QueueClosed(text)
     return QueueError(f"{text} ({code.name})")
 
 

@@ -64,6 +64,11 @@ class OutputPublishError(TaskError):
     """The outputs could not be published; the input is nacked so it runs again."""
 
 
+class WorkflowEndedError(TaskError):
+    """The workflow was finished or aborted while the task ran: its outputs have nowhere to go.
+    Not the task's fault, so it never stops the pilot as a task error would; the pilot drains."""
+
+
 class PilotStopped(TaskError):
     """The pilot stopped (drain grace over, or told to stop) before the task finished."""
 

@@ -20,7 +20,7 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ewms.v1 import pilot_service_pb2, queue_pb2, taskforce_pb2
-from services.events.client import EventTooLarge, QueueError
+from services.events.client import EventTooLarge, QueueClosed, QueueError
 from services.pilot import task_io
 from services.pilot.chirp import Chirper
 from services.pilot.config import PilotSettings
@@ -30,6 +30,7 @@ from services.pilot.failures import (
     OutputTooLargeError,
     PilotStopped,
     TaskError,
+    WorkflowEndedError,
 )
 from services.pilot.queue_link import Intake, QueueLink, Received
 from services.pilot.runner import RunResult, run
@@ -454,10 +455,12 @@ class Pilot:
         except TaskError as exc:
             if isinstance(exc, ContainerRunError) and r.result is None:
                 r.result = exc.result
-            stopping = self.s.stop_listening_on_task_error and not exc.matches(self.s.okay_errors)
-            if stopping:
+            if isinstance(exc, WorkflowEndedError):
+                self.drain("the workflow was deactivated")
+            elif self.s.stop_listening_on_task_error and not exc.matches(self.s.okay_errors):
                 self._fatal = self._fatal or exc
                 self.drain("a task failed (EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR)")
+            if self._drain.is_set():
                 # Else the nack would hand the event straight back to this pilot.
                 await self._pause_intake()
             await self._nack(item, str(exc), dead_letter=exc.dead_letter)
@@ -546,6 +549,8 @@ class Pilot:
             await asyncio.gather(*(self._outputs.publish(q, outputs) for q in queues))
         except EventTooLarge as exc:
             raise OutputTooLargeError(str(exc)) from None
+        except QueueClosed as exc:
+            raise WorkflowEndedError(f"the outputs cannot be published: {exc}") from None
         except QueueError as exc:
             raise OutputPublishError(f"publishing the outputs failed: {exc}") from None
         self.counters.events_published += len(outputs) * len(queues)

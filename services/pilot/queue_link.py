@@ -22,6 +22,7 @@ from services.events.client import (
     EventTooLarge,
     QueueAccessDenied,
     QueueClient,
+    QueueClosed,
     QueueError,
     QueueNotFound,
     Subscription,
@@ -35,7 +36,7 @@ PUBLISH_ATTEMPTS = 5
 RECONNECT_ATTEMPTS = 10
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-PERMANENT_ERRORS = (EventTooLarge, QueueAccessDenied, QueueNotFound)
+PERMANENT_ERRORS = (EventTooLarge, QueueAccessDenied, QueueNotFound, QueueClosed)
 
 
 def backoff(attempt: int) -> float:

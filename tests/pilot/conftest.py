@@ -136,6 +136,19 @@ class PilotEnv:
         """The queue's counters."""
         return await self.client().stats(self.queue(alias).queue_id)
 
+    async def settled(self, alias: str) -> queue_pb2.QueueStats:
+        """The queue's counters once nothing is in flight (RabbitMQ's in-flight count comes from
+        its management API, which lags about 5 s)."""
+        stats = await self.stats(alias)
+
+        async def nothing_in_flight() -> bool:
+            nonlocal stats
+            stats = await self.stats(alias)
+            return stats.in_flight == 0
+
+        await wait_for(nothing_in_flight, 20, f"nothing in flight on {alias!r}")
+        return stats
+
     def pilot_token(self) -> str:
         """A pilot token scoped to the taskforce."""
         return self.q.wms.authority.mint("pilot", Role.PILOT, 3600, scope=self.taskforce_uuid)

@@ -52,7 +52,7 @@ async def test_each_event_is_copied_to_every_output_queue(penv: PilotEnv) -> Non
         assert {e.provenance.input_event_id for e in got} == set(ids)
         assert all(e.provenance.taskforce_uuid == penv.taskforce_uuid for e in got)
         assert all(e.content_type == "text/plain" for e in got)
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight, stats.dead_lettered) == (0, 0, 0)
 
 
@@ -103,7 +103,7 @@ async def test_every_file_in_outdir_becomes_its_own_event(penv: PilotEnv) -> Non
 async def test_a_task_without_output_acks_and_publishes_nothing(penv: PilotEnv) -> None:
     await penv.publish([b"a", b"b", b"c"])
     assert await penv.run_pilot("true") == 0
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight, stats.dead_lettered) == (0, 0, 0)
     assert (await penv.stats("out")).ready == 0
 
@@ -153,7 +153,7 @@ async def test_init_failure_is_fatal_and_consumes_nothing(
     )
     assert await pilot.wait() == 1
     assert error in pilot.log()
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight) == (2, 0)
 
     async def fatal_reported() -> bool:
@@ -188,7 +188,7 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_complete(penv: Pil
     )
     assert code == 0
     assert payloads(await penv.outputs("out", 9)) == sorted(sent[:9])
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight, stats.dead_lettered) == (0, 0, 1)
     dead = await penv.q.events.ListDeadLetters(
         event_service_pb2.ListDeadLettersRequest(queue_id=penv.queue("in").queue_id),
@@ -203,7 +203,7 @@ async def test_a_task_error_stops_the_pilot_and_returns_the_event(penv: PilotEnv
     await penv.publish([b"poison"])
     pilot = await penv.start_pilot(FAIL_ON_POISON)
     assert await pilot.wait() == 1
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight, stats.dead_lettered) == (1, 0, 0)
     assert "FATAL_ERROR" in pilot.log()
 
@@ -226,7 +226,7 @@ async def test_sigterm_drains_and_loses_nothing(penv: PilotEnv) -> None:
     pilot.signal(signal.SIGTERM)
     assert await pilot.wait() == 0
     assert "DRAINING" in pilot.log()
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert stats.in_flight == 0
     done = 8 - stats.ready
     assert 1 <= done < 8
@@ -316,7 +316,7 @@ async def test_invalid_configuration_lists_every_bad_variable_and_consumes_nothi
         "EWMS_PILOT_QUEUE_INCOMING_BROKER_TYPE",
     ):
         assert name in log
-    stats = await penv.stats("in")
+    stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight) == (1, 0)
 
 
@@ -473,3 +473,43 @@ async def test_podman_runs_each_task_in_a_container(
         "in",
         "/ewms-pilot-data/task-io/" + ("outfile-" + got.provenance.input_event_id + ".out"),
     ]
+
+
+async def test_an_output_over_the_size_limit_fails_the_task_clearly(penv: PilotEnv) -> None:
+    await penv.publish([b"x" * 100])
+    pilot = await penv.start_pilot(
+        "cp {{INFILE}} {{OUTFILE}}",
+        EWMS_PILOT_MAX_EVENT_BYTES="64",
+        EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR="false",
+    )
+    assert await pilot.wait() == 0
+    stats = await penv.settled("in")
+    assert (stats.ready, stats.in_flight, stats.dead_lettered) == (0, 0, 1)
+    dead = await penv.q.events.ListDeadLetters(
+        event_service_pb2.ListDeadLettersRequest(queue_id=penv.queue("in").queue_id),
+        metadata=penv.q.alice,
+    )
+    assert "is 100 bytes, over the event size limit of 64 bytes" in dead.dead_letters[0].last_error
+    assert (await penv.stats("out")).ready == 0
+
+
+@pytest.mark.parametrize(
+    ("action", "request_type"),
+    [("FinishWorkflow", "FinishWorkflowRequest"), ("AbortWorkflow", "AbortWorkflowRequest")],
+)
+async def test_finishing_or_aborting_the_workflow_ends_its_pilots(
+    penv: PilotEnv, action: str, request_type: str
+) -> None:
+    from ewms.v1 import workflow_service_pb2
+
+    await penv.publish([f"w{i}".encode() for i in range(20)])
+    pilot = await penv.start_pilot(
+        "sh -c 'sleep 0.2; cp {{INFILE}} {{OUTFILE}}'", EWMS_PILOT_TIMEOUT_QUEUE_INCOMING="60"
+    )
+    await pilot.wait_log("PILOT_PHASE_TASKING")
+    request = getattr(workflow_service_pb2, request_type)(workflow_id=penv.workflow.workflow.workflow_id)
+    await getattr(penv.q.workflows, action)(request, metadata=penv.q.alice)
+    assert await pilot.wait(within=30) == 0
+    assert "the WMS asked: workflow" in pilot.log()
+    stats = await penv.settled("in")
+    assert stats.ready > 0  # the rest is back in the queue
