@@ -288,8 +288,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
     outgoing = _queue_side(r, "OUTGOING", wms_address, token, required=False)
 
     concurrency = r.integer("EWMS_PILOT_MAX_CONCURRENT_TASKS", 1, 1)
-    # One delivery beyond the running tasks hides the broker round trip between two tasks.
-    prefetch = r.integer("EWMS_PILOT_PREFETCH", concurrency + 1, 1)
+    # A task's outputs are published while the next task runs, and the event after that should
+    # already be here: two deliveries per slot hide the broker's round trips.
+    prefetch = r.integer("EWMS_PILOT_PREFETCH", 2 * concurrency + 1, 1)
     if prefetch < concurrency:
         r.problem(
             f"EWMS_PILOT_PREFETCH={prefetch}: must be >= EWMS_PILOT_MAX_CONCURRENT_TASKS "

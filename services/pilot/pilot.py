@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -64,6 +67,13 @@ class NoEvents:
 
     async def close(self) -> None:
         """Nothing to do."""
+
+
+NOT_STARTED = "the pilot stopped before starting this event"
+
+
+class NotStarted(Exception):
+    """The pilot began draining before this event's task could start."""
 
 
 def _ts() -> Timestamp:
@@ -124,8 +134,17 @@ class Pilot:
             if settings.outgoing == settings.incoming
             else QueueLink(settings.outgoing, settings.max_event_bytes, "pilot-out")
         )
+        # Every event being handled; at most EWMS_PILOT_MAX_CONCURRENT_TASKS hold a slot (their
+        # process runs). A slot frees when the process exits, so publishing and acking overlap
+        # the next task.
         self._tasks: dict[asyncio.Task[None], Received] = {}
+        self._slots = asyncio.Semaphore(settings.max_concurrent_tasks)
+        # Handles whose task has not started: a drain cancels them at once.
+        self._not_started: set[asyncio.Task[Any]] = set()
+        self._task_words = shlex.split(settings.task_args)
         self._free_slots = list(range(settings.max_concurrent_tasks - 1, -1, -1))
+        self._wakeup: asyncio.Future[None] | None = None
+        self._cleanups: set[asyncio.Future[None]] = set()
         self._drain = asyncio.Event()  # stop taking events, let in-flight ones finish
         self._stop = asyncio.Event()  # stop now: cancel in-flight tasks
         self._drain_reason = ""
@@ -203,6 +222,8 @@ class Pilot:
             # Blackhole protection: a broken worker must not grab and fail events quickly.
             log.warning("quarantine before exiting", seconds=self.s.quarantine_time)
             await self._sleep_unless_stopped(self.s.quarantine_time)
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self.sink.close()
         if self.chirper:
             await self.chirper.close()
@@ -302,11 +323,13 @@ class Pilot:
             while not self._drain.is_set():
                 waits: set[asyncio.Future[Any]] = {drain, intake.failed}
                 timeout = None
-                if len(self._tasks) < self.s.max_concurrent_tasks:
-                    getter = getter or asyncio.create_task(intake.ready.get())
-                    waits.add(getter)
+                # Every delivery is taken at once (prefetch bounds them) and staged in; the
+                # slots bound how many tasks run.
+                getter = getter or asyncio.create_task(intake.ready.get())
+                waits.add(getter)
                 if self._tasks:
-                    waits.update(self._tasks)
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    waits.add(self._wakeup)
                 else:
                     limit = self.s.idle_timeout if received_any else self.s.first_event_timeout
                     timeout = idle_since + limit - time.monotonic()
@@ -339,17 +362,20 @@ class Pilot:
                 getter.cancel()
         return await self._wind_down(intake)
 
+    def _poke(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
     def _start(self, item: Received) -> None:
-        slot = self._free_slots.pop()
-        task = asyncio.create_task(
-            self._handle(item, slot), name=f"task-{item.delivery.event.event_id}"
-        )
+        name = f"task-{item.delivery.event.event_id}"
+        task = asyncio.create_task(self._handle(item), name=name)
         self._tasks[task] = item
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.pop(t, None)
-            self._free_slots.append(slot)
+            self._not_started.discard(t)
             self._last_done = time.monotonic()
+            self._poke()
 
         task.add_done_callback(done)
 
@@ -360,6 +386,8 @@ class Pilot:
         self._set_phase(Phase.PILOT_PHASE_DRAINING)
         # Paused first, so the nacks below return events to other pilots, not to this one.
         await intake.pause()
+        for task in list(self._not_started):
+            task.cancel()
         for item in intake.take_ready():
             await self._nack(
                 item, "the pilot stopped before starting this event", dead_letter=False
@@ -401,37 +429,67 @@ class Pilot:
 
     # -- one event -----------------------------------------------------------------------------
 
-    async def _handle(self, item: Received, slot: int) -> None:
+    async def _handle(self, item: Received) -> None:
+        """One event: stage in at once (so it is ready when a slot frees), run the task when a
+        slot is free, free the slot, then publish the outputs and ack while the next task runs."""
+        staged: list[task_io.StagedIn] = []
+        try:
+            await self._handle_event(item, staged)
+        finally:
+            for each in staged:
+                each.close()
+
+    async def _handle_event(self, item: Received, staged_out: list[task_io.StagedIn]) -> None:
         event = item.delivery.event
         job = event.event_id
-        r = _Run(slot)
+        r = _Run(-1)
         self.counters.events_received += 1
         self._changed()
         self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_STARTED)
         r.mark("job.started")
+        # Its slot ("thread") is known once it runs: job.finished carries it.
         self.sink.emit(
             "job.started",
             job,
-            thread=slot,
+            thread=None,
             event_id=job,
             queue=item.queue_id,
             attempt=event.attempt,
         )
         paths = None
+        me = asyncio.current_task()
+        if me is not None:
+            self._not_started.add(me)
         try:
-            paths = task_io.make_task_dir(
+            self._stage("stage_in", r, job)
+            # File system work off the event loop: on a busy disk it takes milliseconds.
+            staged = await asyncio.to_thread(
+                task_io.stage_in,
                 self.s.data_dir,
                 event,
                 self.s.infile_ext,
                 self.s.outfile_ext,
                 self.runtime.maps_paths,
             )
-            self._stage("stage_in", r, job)
-            r.bytes_in = task_io.write_infile(paths, event, self.s.infile_ext)
+            staged_out.append(staged)
+            paths = staged.paths
+            r.bytes_in = staged.bytes_in
             self._stage("stage_in", r, job, finished=True, bytes=r.bytes_in)
 
-            self._stage("execution", r, job)
-            r.result = await self._execute(paths)
+            await self._slots.acquire()
+            r.slot = self._free_slots.pop()
+            try:
+                if self._drain.is_set():
+                    raise NotStarted()
+                self._not_started.discard(me)  # type: ignore[arg-type]
+                self._stage("execution", r, job)
+                out_fd, err_fd = staged.stdout_fd, staged.stderr_fd
+                staged.stdout_fd = staged.stderr_fd = -1  # the runner closes them
+                r.result = await self._execute(paths, out_fd, err_fd)
+            finally:
+                # The next task may start while this one's outputs are published.
+                self._free_slots.append(r.slot)
+                self._slots.release()
             self._stage(
                 "execution",
                 r,
@@ -447,11 +505,20 @@ class Pilot:
             )
             await self._publish(outputs)
             self._stage("stage_out", r, job, finished=True, bytes=r.bytes_out)
-        except asyncio.CancelledError:
-            await self._nack(item, "the pilot stopped before the task finished", dead_letter=False)
-            self.counters.tasks_failed += 1
-            self._failed(item, r, PilotStopped("the pilot stopped before the task finished"), paths)
-            raise
+        except (asyncio.CancelledError, NotStarted) as exc:
+            if "execution.started" not in r.timestamps:
+                # Never ran: back to the queue for another pilot, not counted as a failure.
+                await self._nack(item, NOT_STARTED, dead_letter=False)
+                if paths is not None:
+                    self._remove_later(paths.root)
+            else:
+                stopped = PilotStopped("the pilot stopped before the task finished")
+                await self._nack(item, str(stopped), dead_letter=False)
+                self.counters.tasks_failed += 1
+                self._failed(item, r, stopped, paths)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
         except TaskError as exc:
             if isinstance(exc, ContainerRunError) and r.result is None:
                 r.result = exc.result
@@ -487,7 +554,7 @@ class Pilot:
             job,
             executable=self._executable(),
             exit_status=0,
-            thread=slot,
+            thread=r.slot,
             metrics=self._metrics(r),
             error=None,
         )
@@ -495,13 +562,18 @@ class Pilot:
             if self.s.dump_task_output:
                 self._dump(paths.stdout, paths.stderr, job)
             if not self.s.keep_all_task_files:
-                task_io.remove(paths.root)
+                self._remove_later(paths.root)
+
+    def _remove_later(self, root: Path) -> None:
+        """Delete a task directory in a worker thread; :meth:`run` waits for these at the end."""
+        future = asyncio.get_running_loop().run_in_executor(None, task_io.remove, root)
+        self._cleanups.add(future)
+        future.add_done_callback(self._cleanups.discard)
 
     def _executable(self) -> str:
-        argv = task_io.build_argv(self.s.task_args, {})
-        return self._task_image or (argv[0] if argv else "")
+        return self._task_image or (self._task_words[0] if self._task_words else "")
 
-    async def _execute(self, paths: task_io.TaskPaths) -> RunResult:
+    async def _execute(self, paths: task_io.TaskPaths, stdout_fd: int, stderr_fd: int) -> RunResult:
         mounts = (
             Mount(paths.task_io, paths.task_io_seen, True),
             Mount(paths.hub, paths.hub_seen, True),
@@ -510,7 +582,7 @@ class Pilot:
         spec = TaskSpec(
             alias="task",
             image=self._task_image,
-            argv=task_io.build_argv(self.s.task_args, paths.replacements()),
+            argv=task_io.build_argv(self._task_words, paths.replacements()),
             env={**self.s.task_env, **paths.task_env()},
             workdir=paths.task_io,
             mounts=mounts,
@@ -519,12 +591,15 @@ class Pilot:
         try:
             launch = self.runtime.launch(spec)
         except RuntimeSetupError as exc:
+            os.close(stdout_fd)
+            os.close(stderr_fd)
             raise ContainerRunError(f"task: {exc}") from None
         try:
             return await run(
                 launch,
-                paths.stdout,
-                paths.stderr,
+                stdout_fd,
+                stderr_fd,
+                stderr_path=paths.stderr,
                 alias="task",
                 time_limit=self.s.task_timeout,
                 kill_grace=self.s.kill_grace,

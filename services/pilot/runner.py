@@ -102,42 +102,51 @@ class Running:
         return self._done.done()
 
 
-def spawn(launch: Launch, stdout: Path, stderr: Path, alias: str) -> Running:
-    """Start the command with its output going to the two files."""
+def spawn(launch: Launch, stdout: Path | int, stderr: Path | int, alias: str) -> Running:
+    """Start the command with its output going to the two files (paths, or open descriptors
+    that this closes)."""
     started = time.monotonic()
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        try:
-            proc = subprocess.Popen(
-                launch.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=launch.cwd,
-                env=launch.env,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise ContainerRunError(f"{alias} could not start {launch.argv[0]!r}: {exc}") from None
+    fds: list[int] = []
+    try:
+        for target in (stdout, stderr):
+            if isinstance(target, int):
+                fds.append(target)
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                fds.append(os.open(target, flags, 0o644))
+        proc = subprocess.Popen(
+            launch.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fds[0],
+            stderr=fds[1],
+            cwd=launch.cwd,
+            env=launch.env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise ContainerRunError(f"{alias} could not start {launch.argv[0]!r}: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
     return Running(proc, started)
 
 
 async def run(
     launch: Launch,
-    stdout: Path,
-    stderr: Path,
+    stdout: Path | int,
+    stderr: Path | int,
     *,
     alias: str,
     time_limit: float | None,
     kill_grace: float,
-    on_spawn: asyncio.Future[Running] | None = None,
+    stderr_path: Path | None = None,
 ) -> RunResult:
     """Run to completion (or timeout) and measure. Raises :class:`ContainerRunError` (or
     :class:`TaskTimeoutError`) with the error text from stderr when the run did not exit 0.
     Cancelling this coroutine kills the process group first."""
+    errors = stderr_path or (stderr if isinstance(stderr, Path) else None)
     running = spawn(launch, stdout, stderr, alias)
-    if on_spawn is not None and not on_spawn.done():
-        on_spawn.set_result(running)
     timed_out = False
     try:
         try:
@@ -161,14 +170,14 @@ async def run(
         timed_out=timed_out,
     )
     if timed_out:
-        detail = extract_error(stderr_tail(stderr))
+        detail = extract_error(stderr_tail(errors)) if errors else ""
         raise TaskTimeoutError(
             f"{alias} timed out after {time_limit:g}s and was killed"
             + (f" (last stderr: {detail})" if detail else ""),
             result,
         )
     if code != 0:
-        detail = extract_error(stderr_tail(stderr)) or "(no stderr)"
+        detail = (extract_error(stderr_tail(errors)) if errors else "") or "(no stderr)"
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         raise ContainerRunError(f"{alias} failed ({how}): {detail}", result)
     return result

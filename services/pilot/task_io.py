@@ -147,15 +147,17 @@ def make_init_dir(data_dir: Path, maps_paths: bool) -> InitPaths:
     )
 
 
-def build_argv(args: str, replacements: dict[str, str]) -> list[str]:
-    """Split ``args`` like a shell line, then replace placeholders inside each word (so a path
-    with spaces stays one argument). No shell is involved unless the user writes one."""
-    words = shlex.split(args)
+def build_argv(args: str | list[str], replacements: dict[str, str]) -> list[str]:
+    """Split ``args`` like a shell line (or take the words already split), then replace
+    placeholders inside each word (so a path with spaces stays one argument). No shell is
+    involved unless the user writes one."""
+    words = shlex.split(args) if isinstance(args, str) else args
     out = []
     for word in words:
-        for placeholder, value in replacements.items():
-            if placeholder in word:
-                word = word.replace(placeholder, value)
+        if "{{" in word:
+            for placeholder, value in replacements.items():
+                if placeholder in word:
+                    word = word.replace(placeholder, value)
         out.append(word)
     return out
 
@@ -175,6 +177,41 @@ def write_infile(paths: TaskPaths, event: queue_pb2.Event, infile_ext: str) -> i
             ) from None
     paths.infile.write_bytes(payload)
     return len(payload)
+
+
+@dataclass
+class StagedIn:
+    """A task directory ready to run: its paths, the infile's size, and its stdout and stderr
+    files open for the task."""
+
+    paths: TaskPaths
+    bytes_in: int
+    stdout_fd: int
+    stderr_fd: int
+
+    def close(self) -> None:
+        """Close the output descriptors if the task never took them."""
+        for fd in (self.stdout_fd, self.stderr_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.stdout_fd = self.stderr_fd = -1
+
+
+def stage_in(
+    data_dir: Path, event: queue_pb2.Event, infile_ext: str, outfile_ext: str, maps_paths: bool
+) -> StagedIn:
+    """Everything before a run, in one call (the pilot runs it in a worker thread): the task
+    directory, the infile, and the stdout/stderr files opened."""
+    paths = make_task_dir(data_dir, event, infile_ext, outfile_ext, maps_paths)
+    size = write_infile(paths, event, infile_ext)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    out = os.open(paths.stdout, flags, 0o644)
+    try:
+        err = os.open(paths.stderr, flags, 0o644)
+    except OSError:
+        os.close(out)
+        raise
+    return StagedIn(paths, size, out, err)
 
 
 def _output_event(
