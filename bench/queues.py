@@ -34,9 +34,7 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -49,35 +47,12 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "gen")]
 
 import grpc  # noqa: E402
 import pika  # noqa: E402
-from google.protobuf import json_format  # noqa: E402
+from wms_process import RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL, Wms, one_task_workflow  # noqa: E402
 
-from ewms.v1 import queue_pb2, workflow_service_pb2, workflow_service_pb2_grpc  # noqa: E402
+from ewms.v1 import queue_pb2  # noqa: E402
 from services.events.grpc_client import GrpcQueueClient, channel_options  # noqa: E402
 
-RABBITMQ_URL = os.environ.get("EWMS_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-RABBITMQ_MANAGEMENT_URL = os.environ.get(
-    "EWMS_RABBITMQ_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672"
-)
-WORKFLOW = {
-    "public_queue_aliases": ["in", "out"],
-    "tasks": [
-        {
-            "cluster_locations": ["local"],
-            "input_queue_aliases": ["in"],
-            "output_queue_aliases": ["out"],
-            "task_image": "bench",
-            "task_args": "true",
-            "worker_config": {
-                "do_transfer_worker_stdouterr": False,
-                "max_worker_runtime": 600,
-                "n_cores": 1,
-                "priority": 1,
-                "worker_disk": "1G",
-                "worker_memory": "1G",
-            },
-        }
-    ],
-}
+WORKFLOW = one_task_workflow("true", "bench")
 PREFETCH = 100
 CONFIRM_WINDOW = 100
 PHASE_TIMEOUT = 300.0
@@ -91,92 +66,6 @@ def make_events(n: int, size: int) -> list[queue_pb2.Event]:
         queue_pb2.Event(payload=(b"%d:" % i + pad)[:size], content_type="text/plain")
         for i in range(n)
     ]
-
-
-# --- the WMS subprocess -------------------------------------------------------------------------
-
-
-class Wms:
-    """A WMS subprocess on a temporary data directory."""
-
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
-        self.data_dir = Path(tempfile.mkdtemp(prefix=f"bench-queues-{backend}-"))
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port = 0
-        self.token = ""
-
-    async def start(self) -> None:
-        env = dict(os.environ)
-        env.update(
-            EWMS_QUEUE_BACKEND=self.backend,
-            EWMS_CLUSTER_LOCATIONS="local",
-            EWMS_RABBITMQ_URL=RABBITMQ_URL,
-            EWMS_RABBITMQ_MANAGEMENT_URL=RABBITMQ_MANAGEMENT_URL,
-            PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "gen")]),
-        )
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "services.cli",
-            "wms",
-            "serve",
-            "--port",
-            "0",
-            "--data-dir",
-            str(self.data_dir),
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert self.proc.stderr is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            raw = await asyncio.wait_for(self.proc.stderr.readline(), 30)
-            if not raw:
-                break
-            line = raw.decode(errors="replace")
-            lines.append(line)
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict) and record.get("event") == "wms listening":
-                    self.port = int(record["grpc_port"])
-                    break
-        if not self.port:
-            raise RuntimeError(f"WMS ({self.backend}) did not start:\n{''.join(lines[-30:])}")
-        self._drainer = asyncio.create_task(self._drain())
-        self.token = (self.data_dir / "admin.token").read_text().strip()
-
-    async def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while await self.proc.stderr.readline():
-            pass
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def new_queue(self, channel: grpc.aio.Channel) -> queue_pb2.Queue:
-        """A fresh workflow with one task (in → out); its "in" queue."""
-        stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
-        request = json_format.ParseDict(WORKFLOW, workflow_service_pb2.CreateWorkflowRequest())
-        resp = await stub.CreateWorkflow(
-            request, metadata=(("authorization", f"Bearer {self.token}"),), timeout=30
-        )
-        return next(q for q in resp.queues if q.alias == "in")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 15)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 # --- our clients ----------------------------------------------------------------------------------
@@ -388,11 +277,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 backend = "embedded" if target == "embedded" else "rabbitmq"
                 if backend not in wms:
-                    wms[backend] = Wms(backend)
+                    wms[backend] = Wms(backend, prefix="bench-queues")
                     await wms[backend].start()
                 server = wms[backend]
                 channel = grpc.aio.insecure_channel(server.address, options=channel_options())
-                queue = await server.new_queue(channel)
+                resp = await server.create_workflow(WORKFLOW)
+                queue = next(q for q in resp.queues if q.alias == "in")
                 if backend == "rabbitmq":
                     created.append(queue)
 

@@ -71,6 +71,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(GEN_DIR))
     from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
+sys.path.insert(0, str(REPO_ROOT))
+from wms_process import one_task_workflow  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Echo"
 SERVER_START_DEADLINE_S = 30.0
@@ -81,27 +83,7 @@ CREATE_P50_MS_TARGET = 10.0
 # Shape of "WF-<hex epoch seconds>-<8 hex>", used for the echo payload when no WMS runs.
 PLACEHOLDER_WORKFLOW_ID = "WF-00000000-00000000"
 
-CREATE_WORKFLOW_REQUEST: dict[str, Any] = {
-    "public_queue_aliases": ["in", "out"],
-    "tasks": [
-        {
-            "cluster_locations": ["local"],
-            "input_queue_aliases": ["in"],
-            "output_queue_aliases": ["out"],
-            "task_image": "",
-            "task_args": "cp {{INFILE}} {{OUTFILE}}",
-            "n_workers": 1,
-            "worker_config": {
-                "do_transfer_worker_stdouterr": False,
-                "max_worker_runtime": 600,
-                "n_cores": 1,
-                "priority": 0,
-                "worker_disk": "512M",
-                "worker_memory": "512M",
-            },
-        }
-    ],
-}
+CREATE_WORKFLOW_REQUEST = one_task_workflow("cp {{INFILE}} {{OUTFILE}}", n_workers=1)
 
 Call = Callable[[], Awaitable[object]]
 
