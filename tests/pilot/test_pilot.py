@@ -507,7 +507,9 @@ async def test_finishing_or_aborting_the_workflow_ends_its_pilots(
         "sh -c 'sleep 0.2; cp {{INFILE}} {{OUTFILE}}'", EWMS_PILOT_TIMEOUT_QUEUE_INCOMING="60"
     )
     await pilot.wait_log("PILOT_PHASE_TASKING")
-    request = getattr(workflow_service_pb2, request_type)(workflow_id=penv.workflow.workflow.workflow_id)
+    request = getattr(workflow_service_pb2, request_type)(
+        workflow_id=penv.workflow.workflow.workflow_id
+    )
     await getattr(penv.q.workflows, action)(request, metadata=penv.q.alice)
     assert await pilot.wait(within=30) == 0
     assert "the WMS asked: workflow" in pilot.log()
