@@ -880,6 +880,24 @@ class AmqpChannel:
         self._pending.discard(reply)
         reply.resolve(value)
 
+    @property
+    def pika_channel(self) -> Any:
+        """The pika channel, only for code running on the connection's I/O thread."""
+        return self._ch
+
+    async def rpc(
+        self,
+        start: Callable[[Any, Callable[[Any], None]], None],
+        result: Callable[[Any], T],
+    ) -> T:
+        """One AMQP method this class has no wrapper for: ``start(pika_channel, callback)`` runs
+        on the I/O thread, and a channel closed by the broker fails the call with a QueueError."""
+
+        def op(reply: _Reply[T]) -> None:
+            self._io_rpc(reply, lambda callback: start(self._ch, callback), result)
+
+        return await self.connection.call(op)
+
     def _io_rpc(
         self,
         reply: _Reply[T],

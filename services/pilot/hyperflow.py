@@ -93,23 +93,6 @@ def event_body(
     return json.dumps(body, default=str, ensure_ascii=False).encode("utf-8")
 
 
-async def _channel_rpc(
-    channel: AmqpChannel,
-    start: Callable[[Any, Callable[[Any], None]], None],
-    result: Callable[[Any], T],
-) -> T:
-    """Run one synchronous AMQP method that :class:`AmqpChannel` has no wrapper for (a passive
-    exchange declare, a server-named queue, confirm mode with our own confirm callback):
-    ``start(pika_channel, callback)`` in the I/O thread, with the channel's error handling (a
-    channel closed by the broker fails the call with a QueueError)."""
-
-    def op(reply: Any) -> None:
-        channel._io_rpc(reply, lambda callback: start(channel._ch, callback), result)
-
-    value: T = await channel.connection.call(op)
-    return value
-
-
 async def declare_exchange(connection: AmqpConnection, exchange: str) -> None:
     """Make sure the durable topic exchange ``exchange`` exists: declare it, or -- when the
     credentials may not configure it -- accept it if it already exists (passive declare). Raises
@@ -142,8 +125,7 @@ async def check_exchange(connection: AmqpConnection, exchange: str) -> None:
     """Passive declare: QueueNotFound unless ``exchange`` exists (needs no permission)."""
     channel = await connection.channel()
     try:
-        await _channel_rpc(
-            channel,
+        await channel.rpc(
             lambda ch, cb: ch.exchange_declare(exchange, passive=True, callback=cb),
             lambda _frame: None,
         )
@@ -184,7 +166,7 @@ class _Publisher:
             ch.confirm_delivery(publisher._io_on_confirm, callback=callback)
 
         try:
-            await _channel_rpc(channel, select, lambda _frame: None)
+            await channel.rpc(select, lambda _frame: None)
         except BaseException:
             await channel.close()
             raise
@@ -208,7 +190,7 @@ class _Publisher:
                 return
             batch = list(owner._unsent)
             owner._unsent.clear()
-        ch = self.channel._ch
+        ch = self.channel.pika_channel
         for i, message in enumerate(batch):
             if not ch.is_open:
                 owner._io_requeue(batch[i:], "the channel closed before publishing")
@@ -608,8 +590,7 @@ class EventsSubscription:
         try:
             await check_exchange(connection, exchange)
             channel = await connection.channel()
-            queue = await _channel_rpc(
-                channel,
+            queue = await channel.rpc(
                 lambda ch, cb: ch.queue_declare("", exclusive=True, auto_delete=True, callback=cb),
                 lambda frame: str(frame.method.queue),
             )

@@ -388,10 +388,7 @@ class Pilot:
         await intake.pause()
         for task in list(self._not_started):
             task.cancel()
-        for item in intake.take_ready():
-            await self._nack(
-                item, "the pilot stopped before starting this event", dead_letter=False
-            )
+        await self._return_untaken(intake)
         loop = asyncio.get_running_loop()
         # After a task error the original waits for in-flight tasks; a drain request bounds it.
         deadline = None if stopping_for_error else loop.time() + self.s.drain_grace
@@ -417,11 +414,13 @@ class Pilot:
             return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, str(self._fatal))
         return Outcome(0, Phase.PILOT_PHASE_DONE, self._drain_reason or "done")
 
-    async def _finish(self, intake: Intake) -> None:
+    async def _return_untaken(self, intake: Intake) -> None:
+        """Nack what was received but never taken, so other pilots get it."""
         for item in intake.take_ready():
-            await self._nack(
-                item, "the pilot stopped before starting this event", dead_letter=False
-            )
+            await self._nack(item, NOT_STARTED, dead_letter=False)
+
+    async def _finish(self, intake: Intake) -> None:
+        await self._return_untaken(intake)
         await intake.close()
         await self._inputs.close()
         if self._outputs is not self._inputs:

@@ -35,12 +35,6 @@ class RunResult:
     cpu_user: float
     cpu_system: float
     max_rss_bytes: int
-    timed_out: bool = False
-
-    @property
-    def signal(self) -> int | None:
-        """The killing signal, if any."""
-        return -self.exit_code if self.exit_code < 0 else None
 
 
 class Running:
@@ -95,11 +89,6 @@ class Running:
             self.signal_group(signal.SIGKILL)
             await self.wait()
         self.signal_group(signal.SIGKILL)
-
-    @property
-    def done(self) -> bool:
-        """Whether the child has exited."""
-        return self._done.done()
 
 
 def spawn(launch: Launch, stdout: Path | int, stderr: Path | int, alias: str) -> Running:
@@ -167,7 +156,6 @@ async def run(
         cpu_user=usage.ru_utime if usage else 0.0,
         cpu_system=usage.ru_stime if usage else 0.0,
         max_rss_bytes=(usage.ru_maxrss * 1024) if usage else 0,
-        timed_out=timed_out,
     )
     if timed_out:
         detail = extract_error(stderr_tail(errors)) if errors else ""

@@ -82,8 +82,6 @@ class StatusReporter:
         self._wake = asyncio.Event()
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
-        self.connections = 0
         self._last_sent = 0.0
 
     # -- what the pilot reports --------------------------------------------------------------
@@ -139,6 +137,11 @@ class StatusReporter:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
+        if self.dropped_task_events:
+            log.warning(
+                "task lifecycle events dropped while the WMS was unreachable",
+                n=self.dropped_task_events,
+            )
 
     async def _run(self) -> None:
         attempt = 0
@@ -164,7 +167,6 @@ class StatusReporter:
                 log.warning("status stream to the WMS lost", error=repr(exc))
                 welcomed = False
             finally:
-                self.connected.clear()
                 await channel.close()
             if self._closing and not welcomed and attempt >= 2:
                 return
@@ -182,8 +184,6 @@ class StatusReporter:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNKNOWN, grpc.aio.Metadata(), grpc.aio.Metadata(), "no welcome"
             )
-        self.connections += 1
-        self.connected.set()
         self._dirty = self._urgent = True
         reader = asyncio.create_task(self._read(call))
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from services.wms.pilots import ChangeKind, PilotChange
 from tests.conftest import RABBITMQ_URL
 from tests.events.conftest import settings_for
 from tests.pilot.conftest import PilotEnv, wait_for
-from tests.pilot.test_runtimes import busybox_image  # noqa: F401 (a fixture)
+from tests.pilot.test_runtimes import busybox_image, require  # noqa: F401 (a fixture)
 
 PY = sys.executable
 FAIL_ON_POISON = (
@@ -389,6 +390,7 @@ async def test_the_pilot_keeps_working_across_a_wms_restart(penv: PilotEnv) -> N
 async def test_bwrap_runs_each_task_sandboxed(penv: PilotEnv) -> None:
     if penv.backend != "embedded":
         pytest.skip("the runtime does not depend on the queue backend")
+    require(None if shutil.which("bwrap") else "bwrap is not installed", "bwrap")
     outside = penv.tmp / "outside.txt"
     await penv.publish([b"sandboxed"])
     task = f"sh -c 'cp {{{{INFILE}}}} {{{{OUTFILE}}}}; echo escaped > {outside} 2>/dev/null; true'"
