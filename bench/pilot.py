@@ -462,14 +462,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             **{k: v for k, v in run.__dict__.items() if k != "rate"},
                         }
                         samples.setdefault((backend, runtime, concurrency), []).append(sample)
+                        per_task = 1000 / args.events  # CPU seconds -> ms per task
+                        own = float(run.finished.get("cpu_seconds", 0.0))
                         print(
                             f"{label}: {backend} pilot {run.rate:,.0f}/s "
                             f"({run.tasking_seconds:.2f} s tasking, {run.wall_seconds:.2f} s "
-                            f"wall, pilot+tasks CPU {run.pilot_cpu_seconds:.2f} s, WMS "
-                            f"{run.wms_cpu_seconds:.2f} s, RabbitMQ "
-                            f"{run.rabbitmq_cpu_seconds:.2f} s, others {run.other_cores:.2f} "
-                            f"cores, VmHWM {run.vmhwm_bytes / 2**20:.1f} MiB); ceiling "
-                            f"{after:,.0f}/s; ratio {sample['ratio']:.2f}",
+                            f"wall; CPU ms per task: pilot {own * per_task:.2f}, its tasks "
+                            f"{(run.pilot_cpu_seconds - own) * per_task:.2f}, WMS "
+                            f"{run.wms_cpu_seconds * per_task:.2f}, RabbitMQ "
+                            f"{run.rabbitmq_cpu_seconds * per_task:.2f}; others "
+                            f"{run.other_cores:.2f} cores; VmHWM "
+                            f"{run.vmhwm_bytes / 2**20:.1f} MiB); ceiling {after:,.0f}/s; ratio "
+                            f"{sample['ratio']:.2f}",
                             file=sys.stderr,
                         )
                         before = after

@@ -2,12 +2,16 @@
 :class:`~services.events.client.QueueClient` protocol) and the connection machinery under it, which
 the WMS's RabbitMQ broker shares.
 
-Threading: each :class:`AmqpConnection` is one pika ``SelectConnection`` whose I/O loop runs in its
-own daemon thread, so nothing else in the process can hold up its heartbeats or socket: a blocked or
-busy asyncio loop only delays the hand-over of results. Every call from asyncio crosses into the I/O
-thread with ``ioloop.add_callback_threadsafe``; results and deliveries come back with
-``loop.call_soon_threadsafe``. Methods named ``_io_*`` run only in the I/O thread; everything else
-runs in the event loop the connection was opened in.
+Threading: by default each :class:`AmqpConnection` is one pika ``SelectConnection`` whose I/O
+loop runs in its own daemon thread, so nothing else in the process can hold up its heartbeats or
+socket: a blocked or busy asyncio loop only delays the hand-over of results. Every call from asyncio
+crosses into the I/O thread with ``ioloop.add_callback_threadsafe``; results and deliveries come
+back with ``loop.call_soon_threadsafe``. With ``io_thread=False`` the connection is instead a pika
+``AsyncioConnection`` on the caller's event loop: no thread and no cross-thread hand-over per call,
+for processes whose event loop never blocks for long (the pilot: each hand-over costs a wakeup and
+two GIL switches, which at hundreds of events per second is most of its CPU). Methods named
+``_io_*`` run only on the I/O side (the thread, or the event loop); everything else runs in the
+event loop the connection was opened in.
 
 Messages follow :mod:`services.events.wire`. A connection that is lost stays closed: calls then
 raise :class:`~services.events.client.QueueError` and open subscriptions end with it (connect
@@ -33,6 +37,7 @@ import pika
 import pika.exceptions
 import structlog
 from pika import spec
+from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import SelectConnection
 
 from ewms.v1 import queue_pb2
@@ -321,11 +326,12 @@ def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) 
 
 
 class AmqpConnection:
-    """One AMQP connection: a pika ``SelectConnection`` run by a dedicated daemon I/O thread.
+    """One AMQP connection: a pika ``SelectConnection`` run by a dedicated daemon I/O thread, or
+    (``io_thread=False``) a pika ``AsyncioConnection`` on the event loop itself.
 
     Open with :meth:`open`; bound to the running event loop. ``close`` stops the thread."""
 
-    def __init__(self, parameters: Any, name: str, where: str) -> None:
+    def __init__(self, parameters: Any, name: str, where: str, *, io_thread: bool = True) -> None:
         self.name = name
         self.where = where
         self._loop = asyncio.get_running_loop()
@@ -337,13 +343,20 @@ class AmqpConnection:
         self._user = str(getattr(parameters.credentials, "username", ""))
         self._opened: asyncio.Future[None] = self._loop.create_future()
         self._stopped: asyncio.Future[None] = self._loop.create_future()
-        self._pika: Any = SelectConnection(
-            parameters,
-            on_open_callback=self._io_on_open,
-            on_open_error_callback=self._io_on_open_error,
-            on_close_callback=self._io_on_close,
-        )
-        self._thread = threading.Thread(target=self._io_run, name=f"amqp-io-{name}", daemon=True)
+        callbacks: dict[str, Any] = {
+            "on_open_callback": self._io_on_open,
+            "on_open_error_callback": self._io_on_open_error,
+            "on_close_callback": self._io_on_close,
+        }
+        self._thread: threading.Thread | None = None
+        if io_thread:
+            self._pika: Any = SelectConnection(parameters, **callbacks)
+            self._thread = threading.Thread(
+                target=self._io_run, name=f"amqp-io-{name}", daemon=True
+            )
+        else:
+            # Connects at once, on this loop.
+            self._pika = AsyncioConnection(parameters, custom_ioloop=self._loop, **callbacks)
 
     @classmethod
     async def open(
@@ -354,10 +367,12 @@ class AmqpConnection:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS,
         name: str | None = None,
+        io_thread: bool = True,
     ) -> AmqpConnection:
         """Connect to ``url`` (``amqp://user:pass@host:5672/%2F``). Raises QueueAccessDenied for
         refused credentials and QueueError when the broker cannot be reached in
-        ``connect_attempts`` attempts of at most ``connect_timeout`` seconds each."""
+        ``connect_attempts`` attempts of at most ``connect_timeout`` seconds each.
+        ``io_thread=False``: run the connection on this event loop (see the module's notes)."""
         if connect_attempts < 1 or connect_timeout <= 0:
             raise ValueError("connect_attempts must be >= 1 and connect_timeout > 0")
         try:
@@ -373,8 +388,9 @@ class AmqpConnection:
         params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT
         params.client_properties = {"connection_name": name, "product": "ewms"}
         where = f"{params.host}:{params.port} (vhost {params.virtual_host!r})"
-        conn = cls(params, name, where)
-        conn._thread.start()
+        conn = cls(params, name, where, io_thread=io_thread)
+        if conn._thread is not None:
+            conn._thread.start()
         budget = connect_attempts * (connect_timeout + 1.0) + 5.0
         try:
             await asyncio.wait_for(asyncio.shield(conn._opened), budget)
@@ -401,8 +417,8 @@ class AmqpConnection:
         return self._error
 
     @property
-    def thread(self) -> threading.Thread:
-        """The I/O thread."""
+    def thread(self) -> threading.Thread | None:
+        """The I/O thread (None when the connection runs on the event loop)."""
         return self._thread
 
     async def channel(self, *, confirm: bool = False) -> AmqpChannel:
@@ -419,25 +435,32 @@ class AmqpConnection:
         """Close the connection (channels close with it; RabbitMQ requeues their unacked
         deliveries) and stop the I/O thread. Idempotent."""
         self._closing = True
-        with self._lock:
-            if not self._finished:
-                self._pika.ioloop.add_callback_threadsafe(self._io_close)
+        self._to_io(self._io_close)
         try:
             await asyncio.wait_for(asyncio.shield(self._stopped), CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning(
                 "AMQP connection did not close in time; stopping its I/O loop", name=self.name
             )
-            with self._lock:
-                if not self._finished:
-                    self._pika.ioloop.add_callback_threadsafe(self._pika.ioloop.stop)
+            self._to_io(self._io_stop)
             try:
                 await asyncio.wait_for(asyncio.shield(self._stopped), 2.0)
             except TimeoutError:
                 log.error("AMQP I/O thread did not stop; leaving the daemon thread", name=self.name)
                 return
-        # The thread's last act was to post _stopped: it ends at once.
-        self._thread.join(timeout=1.0)
+        if self._thread is not None:
+            # The thread's last act was to post _stopped: it ends at once.
+            self._thread.join(timeout=1.0)
+
+    def _to_io(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O side soon, unless the connection has finished."""
+        with self._lock:
+            if self._finished:
+                return
+            if self._thread is not None:
+                self._pika.ioloop.add_callback_threadsafe(fn)
+                return
+        self._loop.call_soon(fn)
 
     async def call(self, op: Callable[[_Reply[T]], None]) -> T:
         """Run ``op(reply)`` in the I/O thread and wait for it to resolve or fail the reply."""
@@ -454,7 +477,10 @@ class AmqpConnection:
             if self._finished:
                 raise self._closed_error()
             self._replies.add(reply)
-            self._pika.ioloop.add_callback_threadsafe(run)
+            if self._thread is not None:
+                self._pika.ioloop.add_callback_threadsafe(run)
+        if self._thread is None:
+            run()  # on the event loop: at once, in call order
         return await future
 
     def submit(self, fn: Callable[[], None]) -> bool:
@@ -469,8 +495,11 @@ class AmqpConnection:
         with self._lock:
             if self._finished:
                 return False
-            self._pika.ioloop.add_callback_threadsafe(run)
-            return True
+            if self._thread is not None:
+                self._pika.ioloop.add_callback_threadsafe(run)
+                return True
+        run()
+        return True
 
     def _closed_error(self) -> QueueError:
         return self._error or QueueError(f"the AMQP connection to {self.where} is closed")
@@ -480,12 +509,15 @@ class AmqpConnection:
             self._replies.discard(reply)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` in the event loop (from the I/O thread)."""
+        """Run ``fn(*args)`` in the event loop (from the I/O side)."""
         # RuntimeError: the event loop is closed, nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn, *args)
+            if self._thread is not None:
+                self._loop.call_soon_threadsafe(fn, *args)
+            else:
+                self._loop.call_soon(fn, *args)
 
-    # I/O thread
+    # I/O side
 
     def _io_run(self) -> None:
         try:
@@ -493,19 +525,32 @@ class AmqpConnection:
         except Exception:
             log.exception("AMQP I/O loop crashed", name=self.name)
         finally:
-            with self._lock:
-                self._finished = True
-                leftovers = list(self._replies)
-                self._replies.clear()
-            error = self._closed_error()
-            for reply in leftovers:
-                reply.fail(error)
             try:
                 self._pika.ioloop.close()
             except Exception:
                 log.debug("closing the AMQP I/O loop failed", exc_info=True)
-            self._post(_settle, self._opened, None, error)
-            self._post(_settle, self._stopped, None, None)
+            self._io_finished()
+
+    def _io_stop(self) -> None:
+        """The connection is over: stop the I/O thread, or (on the event loop) finish now."""
+        if self._thread is not None:
+            self._pika.ioloop.stop()  # _io_run finishes
+        else:
+            self._io_finished()
+
+    def _io_finished(self) -> None:
+        """Fail what is still waiting and settle the connection's futures (once)."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            leftovers = list(self._replies)
+            self._replies.clear()
+        error = self._closed_error()
+        for reply in leftovers:
+            reply.fail(error)
+        self._post(_settle, self._opened, None, error)
+        self._post(_settle, self._stopped, None, None)
 
     def _io_on_open(self, _connection: Any) -> None:
         self._post(_settle, self._opened, None, None)
@@ -513,24 +558,24 @@ class AmqpConnection:
     def _io_on_open_error(self, _connection: Any, exc: BaseException) -> None:
         self._error = _connect_error(exc, self.where, self._user)
         self._post(_settle, self._opened, None, self._error)
-        self._pika.ioloop.stop()
+        self._io_stop()
 
     def _io_on_close(self, _connection: Any, reason: BaseException) -> None:
         if not self._closing:
             self._error = broker_error(reason, f"AMQP connection to {self.where} lost")
             log.warning("AMQP connection lost", name=self.name, reason=str(reason))
-        self._pika.ioloop.stop()
+        self._io_stop()
 
     def _io_close(self) -> None:
         if self._pika.is_closing:
             return  # _io_on_close stops the loop
         if self._pika.is_closed:
-            self._pika.ioloop.stop()
+            self._io_stop()
             return
         try:
             self._pika.close()
         except Exception:
-            self._pika.ioloop.stop()
+            self._io_stop()
 
 
 # --- channels ---
@@ -1287,8 +1332,8 @@ class AmqpQueueClient:
     """Publish to and consume from RabbitMQ-backed event queues over AMQP (implements
     :class:`~services.events.client.QueueClient`).
 
-    Open with :meth:`connect`. One connection and I/O thread per client; one confirm-mode channel
-    for publishing; one channel per subscription."""
+    Open with :meth:`connect`. One connection (and its I/O thread, unless ``io_thread=False``) per
+    client; one confirm-mode channel for publishing; one channel per subscription."""
 
     def __init__(
         self,
@@ -1316,19 +1361,22 @@ class AmqpQueueClient:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS,
         connection_name: str | None = None,
+        io_thread: bool = True,
     ) -> AmqpQueueClient:
         """Connect to ``url`` (``amqp://user:pass@host:5672/%2F``, e.g. a workflow's credentials).
 
         ``max_attempts`` is the queues' ``max_attempts`` (one number, or by queue id, default 3):
         a nack of a delivery at that attempt dead-letters the event. It must match the queue's
         (RabbitMQ's x-delivery-limit is one less), else RabbitMQ dead-letters without the error
-        text. Raises QueueAccessDenied for refused credentials, QueueError if unreachable."""
+        text. Raises QueueAccessDenied for refused credentials, QueueError if unreachable.
+        ``io_thread=False`` runs the connection on this event loop (see the module's notes)."""
         connection = await AmqpConnection.open(
             url,
             heartbeat=heartbeat,
             connect_timeout=connect_timeout,
             connect_attempts=connect_attempts,
             name=connection_name,
+            io_thread=io_thread,
         )
         return cls(connection, max_attempts=max_attempts, max_event_bytes=max_event_bytes)
 

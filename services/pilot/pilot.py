@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shlex
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -74,6 +74,11 @@ NOT_STARTED = "the pilot stopped before starting this event"
 
 class NotStarted(Exception):
     """The pilot began draining before this event's task could start."""
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _ts() -> Timestamp:
@@ -144,7 +149,9 @@ class Pilot:
         self._task_words = shlex.split(settings.task_args)
         self._free_slots = list(range(settings.max_concurrent_tasks - 1, -1, -1))
         self._wakeup: asyncio.Future[None] | None = None
-        self._cleanups: set[asyncio.Future[None]] = set()
+        self._dirs = task_io.TaskDirs(
+            settings.data_dir, settings.infile_ext, settings.outfile_ext, runtime.maps_paths
+        )
         self._drain = asyncio.Event()  # stop taking events, let in-flight ones finish
         self._stop = asyncio.Event()  # stop now: cancel in-flight tasks
         self._drain_reason = ""
@@ -217,13 +224,15 @@ class Pilot:
             failed=self.counters.tasks_failed,
             published=self.counters.events_published,
             tasking_seconds=round(self._tasking_seconds(), 6),
+            # The pilot's own CPU (all its threads), and its tasks' (those reaped so far).
+            cpu_seconds=round(_cpu_seconds(resource.RUSAGE_SELF), 3),
+            task_cpu_seconds=round(_cpu_seconds(resource.RUSAGE_CHILDREN), 3),
         )
         if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR and self.s.quarantine_time:
             # Blackhole protection: a broken worker must not grab and fail events quickly.
             log.warning("quarantine before exiting", seconds=self.s.quarantine_time)
             await self._sleep_unless_stopped(self.s.quarantine_time)
-        if self._cleanups:
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        self._dirs.close()
         await self.sink.close()
         if self.chirper:
             await self.chirper.close()
@@ -461,17 +470,15 @@ class Pilot:
             self._not_started.add(me)
         try:
             self._stage("stage_in", r, job)
-            # File system work off the event loop: on a busy disk it takes milliseconds.
-            staged = await asyncio.to_thread(
-                task_io.stage_in,
-                self.s.data_dir,
-                event,
-                self.s.infile_ext,
-                self.s.outfile_ext,
-                self.runtime.maps_paths,
-            )
+            # A reused directory: a rename and a write in place, cheap enough for the event loop
+            # unless the payload is large.
+            staged = self._dirs.take(event)
             staged_out.append(staged)
             paths = staged.paths
+            if staged.bytes_in > task_io.INLINE_WRITE_BYTES:
+                await asyncio.to_thread(staged.write_infile)
+            else:
+                staged.write_infile()
             r.bytes_in = staged.bytes_in
             self._stage("stage_in", r, job, finished=True, bytes=r.bytes_in)
 
@@ -509,7 +516,7 @@ class Pilot:
                 # Never ran: back to the queue for another pilot, not counted as a failure.
                 await self._nack(item, NOT_STARTED, dead_letter=False)
                 if paths is not None:
-                    self._remove_later(paths.root)
+                    self._dirs.recycle(paths)
             else:
                 stopped = PilotStopped("the pilot stopped before the task finished")
                 await self._nack(item, str(stopped), dead_letter=False)
@@ -560,14 +567,10 @@ class Pilot:
         if paths is not None:
             if self.s.dump_task_output:
                 self._dump(paths.stdout, paths.stderr, job)
-            if not self.s.keep_all_task_files:
-                self._remove_later(paths.root)
-
-    def _remove_later(self, root: Path) -> None:
-        """Delete a task directory in a worker thread; :meth:`run` waits for these at the end."""
-        future = asyncio.get_running_loop().run_in_executor(None, task_io.remove, root)
-        self._cleanups.add(future)
-        future.add_done_callback(self._cleanups.discard)
+            if self.s.keep_all_task_files:
+                self._dirs.keep(paths, event)
+            else:
+                self._dirs.recycle(paths)
 
     def _executable(self) -> str:
         return self._task_image or (self._task_words[0] if self._task_words else "")
@@ -714,6 +717,8 @@ class Pilot:
         self, item: Received, r: _Run, error: TaskError, paths: task_io.TaskPaths | None
     ) -> None:
         event = item.delivery.event
+        if paths is not None:
+            paths = self._dirs.keep(paths, event)  # for the user to look into
         self._changed()
         self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_FAILED, r, str(error))
         exit_status = r.result.exit_code if r.result else -1

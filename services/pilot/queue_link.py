@@ -73,6 +73,9 @@ class QueueLink:
                 max_attempts={q: side.max_attempts for q in side.queues},
                 max_event_bytes=self._max_event_bytes,
                 connection_name=self._name,
+                # On the pilot's own loop: it never blocks, and a per-call hand-over to an I/O
+                # thread costs more CPU than the rest of an event's handling.
+                io_thread=False,
             )
         return GrpcQueueClient.connect(
             side.address, side.token, max_event_bytes=self._max_event_bytes

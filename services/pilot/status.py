@@ -1,10 +1,18 @@
 """The pilot's link to the WMS: ``PilotService.Connect``.
 
 Status (phase, counters, last error) is sent as it changes, coalesced to at most one message per
-``interval``; phase changes go out at once. Task lifecycle events are sent in order. If the WMS goes
-away the pilot keeps working: this reconnects with jittered exponential backoff, re-sends its hello
-and latest status, and sends the lifecycle events buffered meanwhile (up to a bound; older ones are
-dropped and counted). Drain and stop commands from the WMS are handed to callbacks.
+``interval``; phase changes go out at once, each in its own message. Task lifecycle events are sent
+in order and in batches (``task_events``): a message carries every event buffered when it is
+written (at most ``MAX_EVENTS_PER_MESSAGE``), which is whatever accumulated while the previous
+message was being written. There is no timer: a lone event goes out at once, and under load events
+share messages instead of taking one each. An event leaves the buffer only once the message carrying
+it was written, so a lost stream sends it again. Each round sends pending phase changes first, then
+lifecycle events, then the coalesced status.
+
+If the WMS goes away the pilot keeps working: this reconnects with jittered exponential backoff,
+re-sends its hello and latest status, and sends the lifecycle events buffered meanwhile (up to a
+bound; older ones are dropped and counted). Drain and stop commands from the WMS are handed to
+callbacks.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +38,10 @@ COALESCE_SECONDS = 0.25
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 MAX_BUFFERED_TASK_EVENTS = 10_000
+MAX_EVENTS_PER_MESSAGE = 500
+# The WMS keeps no more of an error than this; cutting it here also bounds a batch's size (well
+# under the gRPC message limit), whatever a task wrote.
+MAX_TASK_ERROR_CHARS = 4096
 # Errors that another attempt cannot fix.
 PERMANENT = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -100,7 +113,10 @@ class StatusReporter:
         self._wake.set()
 
     def task_event(self, event: pilot_service_pb2.TaskLifecycleEvent) -> None:
-        """Queue a lifecycle event (dropping the oldest beyond the buffer bound)."""
+        """Queue a lifecycle event (dropping the oldest beyond the buffer bound); it goes out with
+        the next message of lifecycle events."""
+        if len(event.error) > MAX_TASK_ERROR_CHARS:
+            event.error = event.error[: MAX_TASK_ERROR_CHARS - 1] + "…"
         if len(self._task_events) >= MAX_BUFFERED_TASK_EVENTS:
             self._task_events.popleft()
             self.dropped_task_events += 1
@@ -210,9 +226,7 @@ class StatusReporter:
                 await call.write(pilot_service_pb2.PilotServiceConnectRequest(status=status))
                 self._phases.popleft()
             while self._task_events:
-                event = self._task_events[0]
-                await call.write(pilot_service_pb2.PilotServiceConnectRequest(task_event=event))
-                self._task_events.popleft()
+                await self._write_task_events(call)
             if self._dirty:
                 wait = self._last_sent + self._interval - time.monotonic()
                 if wait > 0 and not self._urgent:
@@ -238,3 +252,16 @@ class StatusReporter:
             waiter = asyncio.create_task(self._wake.wait())
             await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+
+    async def _write_task_events(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Send the oldest buffered lifecycle events (up to MAX_EVENTS_PER_MESSAGE) in one message,
+        then remove them from the buffer."""
+        n = min(len(self._task_events), MAX_EVENTS_PER_MESSAGE)
+        batch = pilot_service_pb2.TaskLifecycleEvents(events=itertools.islice(self._task_events, n))
+        dropped = self.dropped_task_events
+        await call.write(pilot_service_pb2.PilotServiceConnectRequest(task_events=batch))
+        # A full buffer dropped its oldest events during the write: those sent are not lost.
+        overlap = min(n, self.dropped_task_events - dropped)
+        self.dropped_task_events -= overlap
+        for _ in range(n - overlap):
+            self._task_events.popleft()

@@ -5,8 +5,16 @@ Layout under ``<EWMS_PILOT_DATA_DIR_PARENT_PATH_ON_HOST>/ewms-pilot-data/``::
 
     data-hub/                               shared by the init task and every task
     init-<hex>/outputs/{stdoutfile,stderrfile}
-    <event id>-<attempt>-<hex>/task-io/infile-<event id><ext>, outfile-<event id><ext>, outdir/
-    <event id>-<attempt>-<hex>/outputs/{stdoutfile,stderrfile}
+    task-<n>/task-io/infile-<event id><ext>, outfile-<event id><ext>, outdir/
+    task-<n>/outputs/{stdoutfile,stderrfile}
+    <event id>-<attempt>-<hex>/...          a kept task directory (same inside)
+
+Task directories are reused (:class:`TaskDirs`): after a run its directory is emptied of everything
+but the infile and goes back to a pool, and the next event renames the infile and overwrites it in
+place. A directory per event would create and delete five inodes per task; on the file systems of
+batch slots (ext4 and xfs scratch, network file systems) inode creation and deletion cost far more
+than the task's own I/O at hundreds of tasks per second. A failed task's directory (every task's,
+with ``EWMS_PILOT_KEEP_ALL_TASK_FILES``) is renamed to ``<event id>-<attempt>-<hex>`` and kept.
 
 Runtimes that map paths (containers) see ``task-io`` at ``/ewms-pilot-data/task-io`` and the data
 hub at ``/ewms-pilot-data/data-hub``; the others see host paths.
@@ -14,13 +22,18 @@ hub at ``/ewms-pilot-data/data-hub``; the others see host paths.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import secrets
 import shlex
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
 
 from ewms.v1 import queue_pb2
 from services.pilot.failures import (
@@ -38,7 +51,12 @@ PLACEHOLDERS = {
     "data_hub": ("{{DATA_HUB}}", "{{DATAHUB}}"),
     "outdir": ("{{OUTDIR}}", "{{OUT_DIR}}"),
 }
+log = structlog.get_logger(__name__)
+
 JSON_TYPE = "application/json"
+# Infiles larger than this are written in a worker thread instead of on the event loop.
+INLINE_WRITE_BYTES = 256 * 1024
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def data_hub(data_dir: Path) -> Path:
@@ -86,19 +104,35 @@ class TaskPaths:
             "EWMS_TASK_DATA_HUB_DIR": self.hub_seen,
         }
 
+    def moved(self, root: Path) -> TaskPaths:
+        """The same paths after the directory was renamed to ``root`` (as the task saw them)."""
 
-def make_task_dir(
-    data_dir: Path, event: queue_pb2.Event, infile_ext: str, outfile_ext: str, maps_paths: bool
+        def rebase(path: Path) -> Path:
+            return root / path.relative_to(self.root)
+
+        return dataclasses.replace(
+            self,
+            root=root,
+            task_io=rebase(self.task_io),
+            infile=rebase(self.infile),
+            outfile=rebase(self.outfile),
+            outdir=rebase(self.outdir),
+            stdout=rebase(self.stdout),
+            stderr=rebase(self.stderr),
+        )
+
+
+def task_paths(
+    root: Path,
+    hub: Path,
+    event: queue_pb2.Event,
+    infile_ext: str,
+    outfile_ext: str,
+    maps_paths: bool,
 ) -> TaskPaths:
-    """A fresh directory for one run of the task on ``event``."""
-    hub = data_hub(data_dir)
+    """The paths of one run of the task on ``event`` in the task directory ``root``."""
     name = event.event_id or "event"
-    root = data_dir / f"{name}-{event.attempt}-{secrets.token_hex(3)}"
     task_io = root / "task-io"
-    outdir = task_io / "outdir"
-    outputs = root / "outputs"
-    outdir.mkdir(parents=True)
-    outputs.mkdir()
     infile = task_io / f"infile-{name}{infile_ext}"
     outfile = task_io / f"outfile-{name}{outfile_ext}"
     if maps_paths:
@@ -110,9 +144,9 @@ def make_task_dir(
         task_io=task_io,
         infile=infile,
         outfile=outfile,
-        outdir=outdir,
-        stdout=outputs / "stdoutfile",
-        stderr=outputs / "stderrfile",
+        outdir=task_io / "outdir",
+        stdout=root / "outputs" / "stdoutfile",
+        stderr=root / "outputs" / "stderrfile",
         hub=hub,
         task_io_seen=io_seen,
         infile_seen=f"{io_seen}/{infile.name}",
@@ -162,32 +196,53 @@ def build_argv(args: str | list[str], replacements: dict[str, str]) -> list[str]
     return out
 
 
-def write_infile(paths: TaskPaths, event: queue_pb2.Event, infile_ext: str) -> int:
-    """Write the event's payload to the infile; returns its size. ``.json`` infiles must receive a
-    JSON payload; every other extension gets the payload's bytes as they are (text stays text,
-    binary stays binary)."""
-    payload = event.payload
+def check_infile(event: queue_pb2.Event, infile_ext: str) -> None:
+    """``.json`` infiles must receive a JSON payload; every other extension gets the payload's
+    bytes as they are (text stays text, binary stays binary)."""
     if infile_ext == ".json":
         try:
-            json.loads(payload)
+            json.loads(event.payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidDataForInfileException(
                 f"event {event.event_id}: the infile extension is .json but the payload is not "
                 f"JSON ({exc})"
             ) from None
-    paths.infile.write_bytes(payload)
-    return len(payload)
+
+
+@dataclass
+class _Dir:
+    """One pooled task directory."""
+
+    root: Path
+    infile_name: str = ""  # the infile's current name in task-io ("" when there is none)
 
 
 @dataclass
 class StagedIn:
-    """A task directory ready to run: its paths, the infile's size, and its stdout and stderr
-    files open for the task."""
+    """A task directory taken for one event: its paths, and its stdout and stderr files open for
+    the task. :meth:`write_infile` fills the infile."""
 
     paths: TaskPaths
-    bytes_in: int
+    payload: bytes
     stdout_fd: int
     stderr_fd: int
+
+    @property
+    def bytes_in(self) -> int:
+        """The infile's size."""
+        return len(self.payload)
+
+    def write_infile(self) -> None:
+        """Write the payload over the infile, in place (no new inode: the directory's previous
+        infile was renamed for this event)."""
+        fd = os.open(self.paths.infile, _CREATE, 0o644)
+        try:
+            view = memoryview(self.payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.ftruncate(fd, len(self.payload))
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Close the output descriptors if the task never took them."""
@@ -197,21 +252,136 @@ class StagedIn:
         self.stdout_fd = self.stderr_fd = -1
 
 
-def stage_in(
-    data_dir: Path, event: queue_pb2.Event, infile_ext: str, outfile_ext: str, maps_paths: bool
-) -> StagedIn:
-    """Everything before a run, in one call (the pilot runs it in a worker thread): the task
-    directory, the infile, and the stdout/stderr files opened."""
-    paths = make_task_dir(data_dir, event, infile_ext, outfile_ext, maps_paths)
-    size = write_infile(paths, event, infile_ext)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    out = os.open(paths.stdout, flags, 0o644)
-    try:
-        err = os.open(paths.stderr, flags, 0o644)
-    except OSError:
-        os.close(out)
-        raise
-    return StagedIn(paths, size, out, err)
+class TaskDirs:
+    """The pilot's task directories: taken for an event, then recycled (emptied and reused) or
+    kept. Used from the event loop only."""
+
+    def __init__(self, data_dir: Path, infile_ext: str, outfile_ext: str, maps_paths: bool) -> None:
+        self.data_dir = data_dir
+        self._infile_ext = infile_ext
+        self._outfile_ext = outfile_ext
+        self._maps_paths = maps_paths
+        self._hub: Path | None = None
+        self._free: list[_Dir] = []
+        self._taken: dict[Path, _Dir] = {}
+        self._made = 0
+
+    @property
+    def pooled(self) -> int:
+        """Directories in the pool (free or taken)."""
+        return len(self._free) + len(self._taken)
+
+    def take(self, event: queue_pb2.Event) -> StagedIn:
+        """A directory for ``event`` with its infile named (not yet written: see
+        :meth:`StagedIn.write_infile`) and its stdout and stderr files open and empty. Raises
+        InvalidDataForInfileException for a payload the infile cannot take, OSError when the
+        directory cannot be made."""
+        check_infile(event, self._infile_ext)
+        if self._hub is None:
+            self._hub = data_hub(self.data_dir)
+        d = self._free.pop() if self._free else self._make()
+        self._taken[d.root] = d
+        try:
+            paths = task_paths(
+                d.root, self._hub, event, self._infile_ext, self._outfile_ext, self._maps_paths
+            )
+            if d.infile_name and d.infile_name != paths.infile.name:
+                with contextlib.suppress(FileNotFoundError):  # the last task removed it
+                    os.rename(paths.task_io / d.infile_name, paths.infile)
+            d.infile_name = paths.infile.name
+            flags = _CREATE | os.O_TRUNC
+            out = os.open(paths.stdout, flags, 0o644)
+            try:
+                err = os.open(paths.stderr, flags, 0o644)
+            except OSError:
+                os.close(out)
+                raise
+        except OSError:
+            self._drop(d)
+            raise
+        return StagedIn(paths, event.payload, out, err)
+
+    def recycle(self, paths: TaskPaths) -> None:
+        """The run is over and its outputs read: empty the directory of everything but the infile
+        and return it to the pool. One that cannot be emptied is removed instead."""
+        d = self._taken.pop(paths.root, None)
+        if d is None:
+            return
+        try:
+            self._empty(d, paths)
+        except OSError as exc:
+            log.warning("a task directory could not be emptied; removing it", error=str(exc))
+            self._drop(d)
+            return
+        self._free.append(d)
+
+    def keep(self, paths: TaskPaths, event: queue_pb2.Event) -> TaskPaths:
+        """Take the directory out of the pool and keep it as ``<event id>-<attempt>-<hex>``;
+        returns the paths under that name (the old ones if it could not be renamed)."""
+        self._taken.pop(paths.root, None)
+        root = self.data_dir / f"{event.event_id or 'event'}-{event.attempt}-{secrets.token_hex(3)}"
+        try:
+            os.rename(paths.root, root)
+        except OSError as exc:
+            log.warning("a task directory could not be renamed", error=str(exc))
+            return paths
+        return paths.moved(root)
+
+    def close(self) -> None:
+        """Remove every pooled directory (at the pilot's end)."""
+        for d in [*self._free, *self._taken.values()]:
+            shutil.rmtree(d.root, ignore_errors=True)
+        self._free.clear()
+        self._taken.clear()
+
+    def _make(self) -> _Dir:
+        while True:
+            self._made += 1
+            root = self.data_dir / f"task-{self._made}"
+            try:
+                root.mkdir()
+            except FileExistsError:
+                continue  # left by an earlier pilot in the same data directory
+            (root / "task-io" / "outdir").mkdir(parents=True)
+            (root / "outputs").mkdir()
+            return _Dir(root)
+
+    def _drop(self, d: _Dir) -> None:
+        self._taken.pop(d.root, None)
+        shutil.rmtree(d.root, ignore_errors=True)
+
+    @staticmethod
+    def _empty(d: _Dir, paths: TaskPaths) -> None:
+        has_outdir = False
+        with os.scandir(paths.task_io) as entries:
+            for entry in entries:
+                if entry.name == d.infile_name and entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.name == "outdir" and entry.is_dir(follow_symlinks=False):
+                    has_outdir = True
+                    with os.scandir(entry.path) as inside:
+                        for each in inside:
+                            _remove_entry(each)
+                    continue
+                if entry.name == d.infile_name:
+                    d.infile_name = ""  # replaced by something else: made again next time
+                _remove_entry(entry)
+        if not has_outdir:
+            os.mkdir(paths.outdir)
+
+
+def _remove_entry(entry: os.DirEntry[str]) -> None:
+    """Delete a file, link or directory tree a task left (read-only directories too)."""
+    if not entry.is_dir(follow_symlinks=False):
+        os.unlink(entry.path)
+        return
+    os.chmod(entry.path, stat.S_IRWXU)
+    for dirpath, dirnames, _files in os.walk(entry.path):
+        for name in dirnames:  # before os.walk descends into them
+            sub = os.path.join(dirpath, name)
+            if not os.path.islink(sub):
+                os.chmod(sub, stat.S_IRWXU)
+    shutil.rmtree(entry.path)
 
 
 def _output_event(

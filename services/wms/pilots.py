@@ -1,11 +1,13 @@
 """PilotService and the pilot registry: the WMS's side of every pilot's stream.
 
-A pilot says hello, then streams its status and per-task lifecycle events; the WMS can send it
-drain and stop. The registry keeps the latest state of every pilot in memory and writes it behind:
-one flusher task, started when something becomes dirty and ended when nothing is, commits the dirty
-pilots, their taskforces' roll-ups (``Taskforce.counters``, ``top_task_errors``) and new commands in
-one transaction at most every ``flush_interval`` seconds. Lifecycle events are kept in memory only
-(the last ``RECENT_TASK_EVENTS`` per taskforce) and handed to listeners.
+A pilot says hello, then streams its status and per-task lifecycle events (in batches, or one per
+message from older pilots); the WMS can send it drain and stop. The registry keeps the latest state
+of every pilot in memory and writes it behind: one flusher task, started when something becomes
+dirty and ended when nothing is, commits the dirty pilots, their taskforces' roll-ups
+(``Taskforce.counters``, ``top_task_errors``) and new commands in one transaction at most every
+``flush_interval`` seconds. Lifecycle events are kept in memory only (the last
+``RECENT_TASK_EVENTS`` per taskforce) and handed to listeners, one change per event, whether they
+came alone or in a batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import dataclasses
 import enum
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -474,17 +476,31 @@ class PilotRegistry:
         self, session: PilotSession, event: pilot_service_pb2.TaskLifecycleEvent
     ) -> None:
         """Keep a validated lifecycle event in memory and tell listeners (not stored)."""
+        self.report_task_events(session, (event,))
+
+    def report_task_events(
+        self, session: PilotSession, events: Sequence[pilot_service_pb2.TaskLifecycleEvent]
+    ) -> None:
+        """Keep validated lifecycle events in memory, in order, and tell listeners of each, one
+        TASK_EVENT change per event (not stored; ignored from a replaced stream). The pilot's own
+        state is touched once per batch, which is what makes batches cheap."""
         tf = self._current(session)
-        if tf is None:
+        if tf is None or not events:
             return
-        if not event.HasField("timestamp"):
-            event.timestamp.FromNanoseconds(time.time_ns())
-        event.error = _error_text(event.error)
-        tf.events.append(TaskEventRecord(session.taskforce_uuid, session.worker_id, event))
-        tf.pilots[session.worker_id] = dataclasses.replace(
-            tf.pilots[session.worker_id], last_seen=time.time()
-        )
-        self._changed(tf, session.worker_id, ChangeKind.TASK_EVENT, event)
+        now_ns = time.time_ns()
+        worker = session.worker_id
+        pilot = dataclasses.replace(tf.pilots[worker], last_seen=now_ns / 1e9)
+        tf.pilots[worker] = pilot
+        self._touched(pilot)
+        notify = bool(self._listeners)
+        for event in events:
+            if not event.HasField("timestamp"):
+                event.timestamp.FromNanoseconds(now_ns)
+            if len(event.error) > MAX_ERROR_CHARS:
+                event.error = _error_text(event.error)
+            tf.events.append(TaskEventRecord(session.taskforce_uuid, worker, event))
+            if notify:
+                self._notify(PilotChange(ChangeKind.TASK_EVENT, tf.workflow_id, pilot, event))
 
     def disconnect(self, session: PilotSession) -> None:
         """The stream ended: its pilot is disconnected (unless a newer stream replaced it); its
@@ -548,10 +564,14 @@ class PilotRegistry:
         task_event: pilot_service_pb2.TaskLifecycleEvent | None = None,
     ) -> None:
         pilot = tf.pilots[worker_id]
-        self._dirty_pilots.add((pilot.taskforce_uuid, worker_id))
-        self._schedule_flush()
+        self._touched(pilot)
         if self._listeners:
             self._notify(PilotChange(kind, tf.workflow_id, pilot, task_event))
+
+    def _touched(self, pilot: PilotState) -> None:
+        """The pilot's state changed: write it behind."""
+        self._dirty_pilots.add((pilot.taskforce_uuid, pilot.worker_id))
+        self._schedule_flush()
 
     def _notify(self, change: PilotChange) -> None:
         for listener in list(self._listeners):
@@ -651,11 +671,24 @@ def _validate_status(status: pilot_service_pb2.PilotStatus) -> None:
     v.raise_if_any()
 
 
+def _kind_rule(kind: int) -> str:
+    return f"must be STARTED, FINISHED or FAILED (got {kind})"
+
+
 def _validate_task_event(event: pilot_service_pb2.TaskLifecycleEvent) -> None:
     if event.kind not in TASK_EVENT_KINDS:
-        raise InvalidArgument(
-            [("task_event.kind", f"must be STARTED, FINISHED or FAILED (got {event.kind})")]
-        )
+        raise InvalidArgument([("task_event.kind", _kind_rule(event.kind))])
+
+
+def _validate_task_events(batch: pilot_service_pb2.TaskLifecycleEvents) -> None:
+    """Every event of a batch, each named by its index; one bad event rejects the whole batch."""
+    v = Violations()
+    if not batch.events:
+        v.add("task_events.events", "must not be empty")
+    for i, event in enumerate(batch.events):
+        if event.kind not in TASK_EVENT_KINDS:
+            v.add(f"task_events.events[{i}].kind", _kind_rule(event.kind))
+    v.raise_if_any()
 
 
 class PilotService(pilot_service_pb2_grpc.PilotServiceServicer):
@@ -719,13 +752,18 @@ class PilotService(pilot_service_pb2_grpc.PilotServiceServicer):
                 if kind == "status":
                     _validate_status(req.status)
                     self._registry.report_status(session, req.status)
+                elif kind == "task_events":
+                    _validate_task_events(req.task_events)
+                    self._registry.report_task_events(session, req.task_events.events)
                 elif kind == "task_event":
                     _validate_task_event(req.task_event)
                     self._registry.report_task_event(session, req.task_event)
                 elif kind == "hello":
                     raise InvalidArgument([("hello", "only the first message may be a hello")])
                 else:
-                    raise InvalidArgument([("kind", "one of status or task_event is required")])
+                    raise InvalidArgument(
+                        [("kind", "one of status, task_events or task_event is required")]
+                    )
         except (asyncio.CancelledError, grpc.RpcError):
             return
         except Exception as exc:

@@ -79,7 +79,8 @@ class QueueEnv:
     workflow: workflow_service_pb2.CreateWorkflowResponse
     alice_token: str
     bob_token: str
-    # "grpc": through EventService; "amqp": straight to RabbitMQ with the workflow's credentials.
+    # "grpc": through EventService; "amqp": straight to RabbitMQ with the workflow's credentials;
+    # "amqp-loop": the same with the AMQP connection on the event loop (as the pilot's).
     kind: str = "grpc"
     opened: list[Any] = field(default_factory=list)
 
@@ -111,7 +112,10 @@ class QueueEnv:
             amqp_url(self.workflow.queues[0]),
             max_attempts={q.queue_id: q.max_attempts for q in self.workflow.queues},
             max_event_bytes=MAX_EVENT_BYTES,
+            io_thread=self.kind != "amqp-loop",
         )
+        if self.kind == "amqp-loop":
+            assert client.connection.thread is None
         self.opened.append(client)
         return client
 
@@ -185,10 +189,11 @@ async def env(backend: str, tmp_path: Path) -> AsyncIterator[QueueEnv]:
         await close_env(opened)
 
 
-@pytest.fixture(params=["embedded", "rabbitmq", "rabbitmq-amqp"])
+@pytest.fixture(params=["embedded", "rabbitmq", "rabbitmq-amqp", "rabbitmq-amqp-loop"])
 async def client_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueEnv]:
     """Like ``env``, and for RabbitMQ also with alice's client talking AMQP directly (as pilots
-    do): the tests of publishing and consuming run through every kind of client."""
+    do, with the connection on its own I/O thread or on the event loop): the tests of publishing
+    and consuming run through every kind of client."""
     backend, _, kind = str(request.param).partition("-")
     if backend == "rabbitmq":
         require_rabbitmq()

@@ -3,6 +3,7 @@ delivery (event id, attempt) and never acks, until it is killed.
 
 Usage: python -m tests.events.hold_subscriber grpc ADDRESS TOKEN QUEUE_ID PREFETCH
        python -m tests.events.hold_subscriber amqp AMQP_URL - QUEUE_ID PREFETCH
+       python -m tests.events.hold_subscriber amqp-loop AMQP_URL - QUEUE_ID PREFETCH
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ async def main(kind: str, address: str, token: str, queue_id: str, prefetch: int
     if kind == "grpc":
         client = GrpcQueueClient.connect(address, token)
     else:
-        client = await AmqpQueueClient.connect(address)
+        client = await AmqpQueueClient.connect(address, io_thread=kind != "amqp-loop")
     sub = await client.subscribe(queue_id, prefetch)
     async for delivery in sub:
         line = {"event_id": delivery.event.event_id, "attempt": delivery.event.attempt}

@@ -98,7 +98,8 @@ async def test_connection_survives_a_blocked_loop_and_busy_cpus() -> None:
     finally:
         if client is not None:
             await client.close()
-            assert not client.connection.thread.is_alive()
+            thread = client.connection.thread
+            assert thread is not None and not thread.is_alive()
         cleanup = await setup.channel()
         await cleanup.delete_queue(queue_id)
         await cleanup.delete_exchange(exchange)

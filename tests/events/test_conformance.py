@@ -215,7 +215,7 @@ async def test_subscriber_killed_with_sigkill_gets_its_events_redelivered(
         "-m",
         "tests.events.hold_subscriber",
         env.kind,
-        amqp_url(env.queue("in")) if env.kind == "amqp" else env.wms.address,
+        amqp_url(env.queue("in")) if env.kind.startswith("amqp") else env.wms.address,
         env.alice_token,
         queue_id,
         "5",

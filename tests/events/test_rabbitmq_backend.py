@@ -71,7 +71,8 @@ async def broker() -> AsyncIterator[RabbitBroker]:
         yield opened
     finally:
         await opened.close()
-    assert not opened.client.connection.thread.is_alive()
+    thread = opened.client.connection.thread
+    assert thread is not None and not thread.is_alive()
 
 
 @pytest.fixture
@@ -103,13 +104,22 @@ async def provision(broker: RabbitBroker) -> AsyncIterator[Provision]:
             await broker.delete(workflow.workflow_id, workflow.queues)
 
 
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., Awaitable[AmqpQueueClient]]]:
-    """``await clients(url, **kwargs)``: AmqpQueueClients, closed after the test."""
+@pytest.fixture(params=[True, False], ids=["io-thread", "io-loop"])
+async def clients(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Awaitable[AmqpQueueClient]]]:
+    """``await clients(url, **kwargs)``: AmqpQueueClients, closed after the test; every test runs
+    with the connection on its own I/O thread and on the event loop."""
     opened: list[AmqpQueueClient] = []
+    io_thread = bool(request.param)
 
     async def connect(url: str, **kwargs: object) -> AmqpQueueClient:
-        client = await AmqpQueueClient.connect(url, **kwargs)  # type: ignore[arg-type]
+        client = await AmqpQueueClient.connect(
+            url,
+            io_thread=io_thread,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        assert (client.connection.thread is not None) == io_thread
         opened.append(client)
         return client
 
@@ -118,7 +128,9 @@ async def clients() -> AsyncIterator[Callable[..., Awaitable[AmqpQueueClient]]]:
     finally:
         for client in opened:
             await client.close()
-            assert not client.connection.thread.is_alive()
+            assert not client.is_open
+            thread = client.connection.thread
+            assert thread is None or not thread.is_alive()
 
 
 def event(payload: bytes, **fields: object) -> queue_pb2.Event:
@@ -364,18 +376,23 @@ async def test_missing_queues_and_exchanges(
     assert await client.publish(wf.queue.queue_id, [event(b"fine")])
 
 
-async def test_unreachable_broker_fails_fast() -> None:
+@pytest.mark.parametrize("io_thread", [True, False], ids=["io-thread", "io-loop"])
+async def test_unreachable_broker_fails_fast(io_thread: bool) -> None:
     require_rabbitmq()
     started = time.monotonic()
     with pytest.raises(QueueError, match="cannot connect"):
         await AmqpQueueClient.connect(
-            "amqp://guest:guest@127.0.0.1:1/%2F", connect_attempts=2, connect_timeout=2
+            "amqp://guest:guest@127.0.0.1:1/%2F",
+            connect_attempts=2,
+            connect_timeout=2,
+            io_thread=io_thread,
         )
     assert time.monotonic() - started < 15
     with pytest.raises(QueueAccessDenied, match="refused"):
         await AmqpQueueClient.connect(
             user_url(queue_pb2.QueueCredentials(username="ewms-nobody", password="wrong")),
             connect_attempts=1,
+            io_thread=io_thread,
         )
 
 

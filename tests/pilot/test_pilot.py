@@ -109,6 +109,36 @@ async def test_a_task_without_output_acks_and_publishes_nothing(penv: PilotEnv) 
     assert (await penv.stats("out")).ready == 0
 
 
+async def test_each_task_finds_a_clean_directory_though_directories_are_reused(
+    penv: PilotEnv,
+) -> None:
+    ids = await penv.publish([b"1", b"2", b"3", b"4"])
+    # Each task lists its directory, then litters it (files, a read-only tree, outdir files).
+    task = (
+        "sh -c 'pwd > {{OUTFILE}}; ls -A >> {{OUTFILE}}; echo litter > stray.txt; "
+        "mkdir -p junk/deep; chmod 500 junk/deep junk; echo extra > {{OUTDIR}}/extra.txt'"
+    )
+    env = penv.pilot_environment(task, EWMS_PILOT_MAX_CONCURRENT_TASKS="1")
+    assert await (await penv.start_pilot_env(env)).wait(60) == 0
+    got = await penv.outputs("out", 8)
+    listings = {
+        e.provenance.input_event_id: e.payload.decode().split("\n", 1)
+        for e in got
+        if "filename" not in e.headers
+    }
+    assert sorted(listings) == sorted(ids)
+    # At most prefetch (3) directories for 4 events: at least one was reused.
+    assert len({cwd for cwd, _ in listings.values()}) <= 3
+    for event_id, (_, listing) in listings.items():
+        names = listing.split()
+        assert sorted(names) == sorted(
+            [f"infile-{event_id}.in", "outdir", f"outfile-{event_id}.out"]
+        )
+    # None is left behind.
+    data = Path(env["EWMS_PILOT_DATA_DIR_PARENT_PATH_ON_HOST"]) / "ewms-pilot-data"
+    assert sorted(p.name for p in data.iterdir()) == ["data-hub"]
+
+
 async def test_task_sees_placeholders_and_environment(penv: PilotEnv) -> None:
     await penv.publish([b"x"])
     task = (
@@ -219,11 +249,18 @@ async def test_okay_errors_do_not_stop_the_pilot(penv: PilotEnv) -> None:
 async def test_sigterm_drains_and_loses_nothing(penv: PilotEnv) -> None:
     sent = [f"e{i}".encode() for i in range(8)]
     await penv.publish(sent)
-    task = "sh -c 'sleep 0.5; cp {{INFILE}} {{OUTFILE}}'"
-    pilot = await penv.start_pilot(
+    # Each task marks its start in the data hub: the signal comes while one runs.
+    task = "sh -c 'touch {{DATA_HUB}}/started-$$; sleep 0.5; cp {{INFILE}} {{OUTFILE}}'"
+    env = penv.pilot_environment(
         task, EWMS_PILOT_MAX_CONCURRENT_TASKS="2", EWMS_PILOT_DRAIN_GRACE="30"
     )
-    await pilot.wait_log("PILOT_PHASE_TASKING")
+    hub = Path(env["EWMS_PILOT_DATA_DIR_PARENT_PATH_ON_HOST"]) / "ewms-pilot-data" / "data-hub"
+    pilot = await penv.start_pilot_env(env)
+
+    async def a_task_runs() -> bool:
+        return hub.is_dir() and any(hub.glob("started-*"))
+
+    await wait_for(a_task_runs, 30, "a task to start")
     pilot.signal(signal.SIGTERM)
     assert await pilot.wait() == 0
     assert "DRAINING" in pilot.log()

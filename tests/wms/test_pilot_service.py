@@ -234,6 +234,43 @@ async def test_task_event_of_unspecified_kind_is_invalid_argument(
     assert [f for f, _ in field_violations(err)] == ["task_event.kind"]
 
 
+async def test_invalid_events_in_a_batch_are_named_by_their_index(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+    events = [
+        ps.TaskLifecycleEvent(event_id="EV-0", kind=ps.TASK_EVENT_KIND_STARTED),
+        ps.TaskLifecycleEvent(event_id="EV-0", kind=ps.TASK_EVENT_KIND_FINISHED),
+        ps.TaskLifecycleEvent(event_id="EV-1"),  # kind unspecified
+        ps.TaskLifecycleEvent(event_id="EV-2", kind=ps.TASK_EVENT_KIND_FAILED),
+        ps.TaskLifecycleEvent(event_id="EV-3", kind=ps.TaskEventKind.ValueType(7)),  # unknown
+    ]
+
+    await stream.send(task_events=ps.TaskLifecycleEvents(events=events))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err) == [
+        ("task_events.events[2].kind", "must be STARTED, FINISHED or FAILED (got 0)"),
+        ("task_events.events[4].kind", "must be STARTED, FINISHED or FAILED (got 7)"),
+    ]
+    assert wms.pilots.recent_task_events(taskforce_uuid) == []  # none of the batch is applied
+
+
+async def test_an_empty_batch_of_task_events_is_invalid_argument(
+    connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+
+    await stream.send(task_events=ps.TaskLifecycleEvents())
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err) == [("task_events.events", "must not be empty")]
+
+
 # --- Status and roll-up ---------------------------------------------------------------------------
 
 
@@ -579,6 +616,81 @@ async def test_recent_task_events_are_kept_per_taskforce_up_to_a_bound(
     kept = wms.pilots.recent_task_events(taskforce_uuid)
     assert [r.event.event_id for r in kept] == [f"EV-{i}" for i in range(5, n)]
     assert {r.worker_id for r in kept} == {"1.0"}
+
+
+def started_and_finished(n: int) -> list[ps.TaskLifecycleEvent]:
+    """STARTED then FINISHED of tasks EV-0 .. EV-(n-1), as a pilot reports them."""
+    return [
+        ps.TaskLifecycleEvent(event_id=f"EV-{i}", kind=kind)
+        for i in range(n)
+        for kind in (ps.TASK_EVENT_KIND_STARTED, ps.TASK_EVENT_KIND_FINISHED)
+    ]
+
+
+def ids_and_kinds(events: list[ps.TaskLifecycleEvent]) -> list[tuple[str, int]]:
+    return [(e.event_id, e.kind) for e in events]
+
+
+async def test_a_batch_of_task_events_is_kept_and_heard_in_order(
+    wms: RunningWms, connect: Connect, taskforce_uuid: str
+) -> None:
+    heard: list[PilotChange] = []
+    stop_listening = wms.pilots.listen(heard.append)
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+    sent = started_and_finished(5)
+
+    await stream.send(task_events=ps.TaskLifecycleEvents(events=sent))
+
+    async def all_heard() -> bool:
+        return sum(c.kind is ChangeKind.TASK_EVENT for c in heard) >= len(sent)
+
+    await eventually(all_heard, "every event of the batch is heard")
+    stop_listening()
+    changes = [c for c in heard if c.kind is ChangeKind.TASK_EVENT]
+    assert ids_and_kinds([c.task_event for c in changes if c.task_event]) == ids_and_kinds(sent)
+    assert {c.pilot.worker_id for c in changes} == {"1.0"}
+    kept = wms.pilots.recent_task_events(taskforce_uuid)
+    assert ids_and_kinds([r.event for r in kept]) == ids_and_kinds(sent)
+    assert all(r.event.HasField("timestamp") for r in kept)  # stamped on arrival when missing
+
+
+async def test_a_batch_of_task_events_leaves_counters_and_roll_up_to_the_status(
+    wms: RunningWms, connect: Connect, workflows: Stub, alice: Metadata, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+    await stream.status(events_received=3, tasks_succeeded=2, tasks_failed=1, last_error="boom")
+    want = taskforce_pb2.TaskCounters(events_received=3, tasks_succeeded=2, tasks_failed=1)
+
+    async def status_stored() -> bool:
+        return (await stored_taskforce(workflows, alice, taskforce_uuid)).counters == want
+
+    await eventually(status_stored, "the status is rolled up")
+    before = await pilot_state(wms, taskforce_uuid, "1.0")
+    flushes = wms.pilots.flushes
+
+    await stream.send(task_events=ps.TaskLifecycleEvents(events=started_and_finished(50)))
+
+    async def batch_kept() -> bool:
+        return len(wms.pilots.recent_task_events(taskforce_uuid)) == 100
+
+    await eventually(batch_kept, "the batch is kept")
+    after = await pilot_state(wms, taskforce_uuid, "1.0")
+    assert (after.counters, after.last_error, after.phase) == (
+        before.counters,
+        before.last_error,
+        before.phase,
+    )
+    assert after.connected and after.last_seen >= before.last_seen
+
+    async def flushed() -> bool:
+        return wms.pilots.flushes > flushes
+
+    await eventually(flushed, "the pilot touched by the batch is written behind")
+    tf = await stored_taskforce(workflows, alice, taskforce_uuid)
+    assert tf.counters == want
+    assert dict(tf.top_task_errors) == {"boom": 1}
 
 
 async def test_listener_hears_every_pilot_change(

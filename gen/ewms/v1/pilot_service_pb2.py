@@ -26,33 +26,35 @@ from ewms.v1 import taskforce_pb2 as ewms_dot_v1_dot_taskforce__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65wms/v1/pilot_service.proto\x12\x07\x65wms.v1\x1a\x17\x65wms/v1/taskforce.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\x1aPilotServiceConnectRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.ewms.v1.PilotHelloH\x00\x12&\n\x06status\x18\x02 \x01(\x0b\x32\x14.ewms.v1.PilotStatusH\x00\x12\x31\n\ntask_event\x18\x03 \x01(\x0b\x32\x1b.ewms.v1.TaskLifecycleEventH\x00\x42\x06\n\x04kind\"\\\n\nPilotHello\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x15\n\rpilot_version\x18\x04 \x01(\t\"\x9d\x01\n\x0bPilotStatus\x12\"\n\x05phase\x18\x01 \x01(\x0e\x32\x13.ewms.v1.PilotPhase\x12\'\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x15.ewms.v1.TaskCounters\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\x12TaskLifecycleEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.ewms.v1.TaskEventKind\x12%\n\x07metrics\x18\x03 \x01(\x0b\x32\x14.ewms.v1.TaskMetrics\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x87\x01\n\x0bTaskMetrics\x12\x14\n\x0cwall_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x15\n\rmax_rss_bytes\x18\x03 \x01(\x03\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x03\x12\x11\n\tbytes_out\x18\x06 \x01(\x03\"\x99\x01\n\x1bPilotServiceConnectResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.ewms.v1.PilotWelcomeH\x00\x12$\n\x05\x64rain\x18\x02 \x01(\x0b\x32\x13.ewms.v1.PilotDrainH\x00\x12\"\n\x04stop\x18\x03 \x01(\x0b\x32\x12.ewms.v1.PilotStopH\x00\x42\x06\n\x04kind\"&\n\x0cPilotWelcome\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\"\x1c\n\nPilotDrain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1b\n\tPilotStop\x12\x0e\n\x06reason\x18\x01 \x01(\t*\x87\x01\n\rTaskEventKind\x12\x1f\n\x1bTASK_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_EVENT_KIND_STARTED\x10\x01\x12\x1c\n\x18TASK_EVENT_KIND_FINISHED\x10\x02\x12\x1a\n\x16TASK_EVENT_KIND_FAILED\x10\x03\x32h\n\x0cPilotService\x12X\n\x07\x43onnect\x12#.ewms.v1.PilotServiceConnectRequest\x1a$.ewms.v1.PilotServiceConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65wms/v1/pilot_service.proto\x12\x07\x65wms.v1\x1a\x17\x65wms/v1/taskforce.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x01\n\x1aPilotServiceConnectRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.ewms.v1.PilotHelloH\x00\x12&\n\x06status\x18\x02 \x01(\x0b\x32\x14.ewms.v1.PilotStatusH\x00\x12\x31\n\ntask_event\x18\x03 \x01(\x0b\x32\x1b.ewms.v1.TaskLifecycleEventH\x00\x12\x33\n\x0btask_events\x18\x04 \x01(\x0b\x32\x1c.ewms.v1.TaskLifecycleEventsH\x00\x42\x06\n\x04kind\"\\\n\nPilotHello\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x15\n\rpilot_version\x18\x04 \x01(\t\"\x9d\x01\n\x0bPilotStatus\x12\"\n\x05phase\x18\x01 \x01(\x0e\x32\x13.ewms.v1.PilotPhase\x12\'\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x15.ewms.v1.TaskCounters\x12\x12\n\nlast_error\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\x12TaskLifecycleEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.ewms.v1.TaskEventKind\x12%\n\x07metrics\x18\x03 \x01(\x0b\x32\x14.ewms.v1.TaskMetrics\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12-\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x13TaskLifecycleEvents\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.ewms.v1.TaskLifecycleEvent\"\x87\x01\n\x0bTaskMetrics\x12\x14\n\x0cwall_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x15\n\rmax_rss_bytes\x18\x03 \x01(\x03\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x03\x12\x11\n\tbytes_out\x18\x06 \x01(\x03\"\x99\x01\n\x1bPilotServiceConnectResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.ewms.v1.PilotWelcomeH\x00\x12$\n\x05\x64rain\x18\x02 \x01(\x0b\x32\x13.ewms.v1.PilotDrainH\x00\x12\"\n\x04stop\x18\x03 \x01(\x0b\x32\x12.ewms.v1.PilotStopH\x00\x42\x06\n\x04kind\"&\n\x0cPilotWelcome\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\"\x1c\n\nPilotDrain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1b\n\tPilotStop\x12\x0e\n\x06reason\x18\x01 \x01(\t*\x87\x01\n\rTaskEventKind\x12\x1f\n\x1bTASK_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_EVENT_KIND_STARTED\x10\x01\x12\x1c\n\x18TASK_EVENT_KIND_FINISHED\x10\x02\x12\x1a\n\x16TASK_EVENT_KIND_FAILED\x10\x03\x32h\n\x0cPilotService\x12X\n\x07\x43onnect\x12#.ewms.v1.PilotServiceConnectRequest\x1a$.ewms.v1.PilotServiceConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ewms.v1.pilot_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKEVENTKIND']._serialized_start=1094
-  _globals['_TASKEVENTKIND']._serialized_end=1229
+  _globals['_TASKEVENTKIND']._serialized_start=1215
+  _globals['_TASKEVENTKIND']._serialized_end=1350
   _globals['_PILOTSERVICECONNECTREQUEST']._serialized_start=99
-  _globals['_PILOTSERVICECONNECTREQUEST']._serialized_end=264
-  _globals['_PILOTHELLO']._serialized_start=266
-  _globals['_PILOTHELLO']._serialized_end=358
-  _globals['_PILOTSTATUS']._serialized_start=361
-  _globals['_PILOTSTATUS']._serialized_end=518
-  _globals['_TASKLIFECYCLEEVENT']._serialized_start=521
-  _globals['_TASKLIFECYCLEEVENT']._serialized_end=698
-  _globals['_TASKMETRICS']._serialized_start=701
-  _globals['_TASKMETRICS']._serialized_end=836
-  _globals['_PILOTSERVICECONNECTRESPONSE']._serialized_start=839
-  _globals['_PILOTSERVICECONNECTRESPONSE']._serialized_end=992
-  _globals['_PILOTWELCOME']._serialized_start=994
-  _globals['_PILOTWELCOME']._serialized_end=1032
-  _globals['_PILOTDRAIN']._serialized_start=1034
-  _globals['_PILOTDRAIN']._serialized_end=1062
-  _globals['_PILOTSTOP']._serialized_start=1064
-  _globals['_PILOTSTOP']._serialized_end=1091
-  _globals['_PILOTSERVICE']._serialized_start=1231
-  _globals['_PILOTSERVICE']._serialized_end=1335
+  _globals['_PILOTSERVICECONNECTREQUEST']._serialized_end=317
+  _globals['_PILOTHELLO']._serialized_start=319
+  _globals['_PILOTHELLO']._serialized_end=411
+  _globals['_PILOTSTATUS']._serialized_start=414
+  _globals['_PILOTSTATUS']._serialized_end=571
+  _globals['_TASKLIFECYCLEEVENT']._serialized_start=574
+  _globals['_TASKLIFECYCLEEVENT']._serialized_end=751
+  _globals['_TASKLIFECYCLEEVENTS']._serialized_start=753
+  _globals['_TASKLIFECYCLEEVENTS']._serialized_end=819
+  _globals['_TASKMETRICS']._serialized_start=822
+  _globals['_TASKMETRICS']._serialized_end=957
+  _globals['_PILOTSERVICECONNECTRESPONSE']._serialized_start=960
+  _globals['_PILOTSERVICECONNECTRESPONSE']._serialized_end=1113
+  _globals['_PILOTWELCOME']._serialized_start=1115
+  _globals['_PILOTWELCOME']._serialized_end=1153
+  _globals['_PILOTDRAIN']._serialized_start=1155
+  _globals['_PILOTDRAIN']._serialized_end=1183
+  _globals['_PILOTSTOP']._serialized_start=1185
+  _globals['_PILOTSTOP']._serialized_end=1212
+  _globals['_PILOTSERVICE']._serialized_start=1352
+  _globals['_PILOTSERVICE']._serialized_end=1456
 # @@protoc_insertion_point(module_scope)

@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from ewms.v1 import taskforce_pb2 as _taskforce_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -56,6 +58,7 @@ class PilotServiceConnectRequest(_message.Message):
     HELLO_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     TASK_EVENT_FIELD_NUMBER: _builtins.int
+    TASK_EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___PilotHello:
         """Must be the first message, and only the first."""
@@ -66,7 +69,15 @@ class PilotServiceConnectRequest(_message.Message):
 
     @_builtins.property
     def task_event(self) -> Global___TaskLifecycleEvent:
-        """A task started, finished or failed."""
+        """A task started, finished or failed. Older pilots send each event alone; newer ones send
+        task_events.
+        """
+
+    @_builtins.property
+    def task_events(self) -> Global___TaskLifecycleEvents:
+        """Several lifecycle events, oldest first: those that accumulated while the previous message
+        was being sent (so one message carries one event when events are rare).
+        """
 
     def __init__(
         self,
@@ -74,12 +85,13 @@ class PilotServiceConnectRequest(_message.Message):
         hello: Global___PilotHello | None = ...,
         status: Global___PilotStatus | None = ...,
         task_event: Global___TaskLifecycleEvent | None = ...,
+        task_events: Global___TaskLifecycleEvents | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "kind", b"kind", "status", b"status", "task_event", b"task_event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "kind", b"kind", "status", b"status", "task_event", b"task_event", "task_events", b"task_events"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "kind", b"kind", "status", b"status", "task_event", b"task_event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello", "kind", b"kind", "status", b"status", "task_event", b"task_event", "task_events", b"task_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "status", "task_event"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "status", "task_event", "task_events"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -198,6 +210,32 @@ class TaskLifecycleEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskLifecycleEvent: _TypeAlias = TaskLifecycleEvent  # noqa: Y015
+
+@_typing.final
+class TaskLifecycleEvents(_message.Message):
+    """A batch of task lifecycle events from one pilot."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskLifecycleEvent]:
+        """The events, oldest first; applied in this order, as if each came in its own task_event.
+        Must not be empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___TaskLifecycleEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskLifecycleEvents: _TypeAlias = TaskLifecycleEvents  # noqa: Y015
 
 @_typing.final
 class TaskMetrics(_message.Message):

@@ -49,7 +49,7 @@ class PilotServiceServicer:
     """
 
     def Connect(self, request_iterator, context):
-        """The pilot opens with a hello; then sends its status and per-task lifecycle events.
+        """The pilot opens with a hello; then sends its status and per-task lifecycle events (batched).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,7 +36,7 @@ class PilotServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PilotServiceAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_pilot_service_pb2.PilotServiceConnectRequest, _pilot_service_pb2.PilotServiceConnectResponse]
-    """The pilot opens with a hello; then sends its status and per-task lifecycle events."""
+    """The pilot opens with a hello; then sends its status and per-task lifecycle events (batched)."""
 
 @_typing.type_check_only
 class PilotServiceAsyncStub(PilotServiceStub):
@@ -46,7 +46,7 @@ class PilotServiceAsyncStub(PilotServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_pilot_service_pb2.PilotServiceConnectRequest, _pilot_service_pb2.PilotServiceConnectResponse]  # type: ignore[assignment]
-    """The pilot opens with a hello; then sends its status and per-task lifecycle events."""
+    """The pilot opens with a hello; then sends its status and per-task lifecycle events (batched)."""
 
 class PilotServiceServicer(metaclass=_abc_1.ABCMeta):
     """A pilot's link to the WMS: one bidirectional stream per pilot. Status flows up whenever it changes
@@ -59,6 +59,6 @@ class PilotServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_pilot_service_pb2.PilotServiceConnectRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_pilot_service_pb2.PilotServiceConnectResponse], _abc.AsyncIterator[_pilot_service_pb2.PilotServiceConnectResponse]]:
-        """The pilot opens with a hello; then sends its status and per-task lifecycle events."""
+        """The pilot opens with a hello; then sends its status and per-task lifecycle events (batched)."""
 
 def add_PilotServiceServicer_to_server(servicer: PilotServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
