@@ -167,10 +167,17 @@ async def run_ceiling(runtime: str, concurrency: int, n: int, tmp: Path) -> floa
                     failures.append(f"{launch.argv[0]} exited {code}")
 
         start = time.perf_counter()
+        own, children = self_cpu_seconds(), children_cpu_seconds()
         await asyncio.wait_for(
             asyncio.gather(*(worker() for _ in range(concurrency))), CEILING_TIMEOUT
         )
         elapsed = time.perf_counter() - start
+        print(
+            f"  ceiling ({runtime} x{concurrency}): {n / elapsed:,.0f}/s; CPU ms per spawn: loop "
+            f"{(self_cpu_seconds() - own) * 1000 / n:.2f}, commands "
+            f"{(children_cpu_seconds() - children) * 1000 / n:.2f}",
+            file=sys.stderr,
+        )
         if failures:
             raise RuntimeError(f"ceiling ({runtime}): {len(failures)} spawns failed: {failures[0]}")
         copies = sum(1 for p in (root / "task-io").iterdir() if p.name.startswith("outfile-"))
@@ -296,6 +303,12 @@ def rabbitmq_pid() -> int | None:
 def self_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's reaped children."""
+    t = os.times()
+    return t.children_user + t.children_system
 
 
 def spawn_pilot(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

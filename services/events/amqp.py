@@ -290,6 +290,30 @@ def _connect_error(exc: BaseException, where: str, user: str) -> QueueError:
 # --- the I/O thread ---
 
 
+class _OneWritePerMessage:
+    """pika hands the transport each frame of a message (method, header, body) separately, and
+    the transport sends each with its own ``send()``; this joins them, so a published message costs
+    one system call instead of three (on a loopback connection each one also runs the broker's
+    side of TCP)."""
+
+    def _output_marshaled_frames(self, marshaled_frames: Sequence[bytes]) -> None:
+        if len(marshaled_frames) == 1:
+            super()._output_marshaled_frames(marshaled_frames)  # type: ignore[misc]
+            return
+        data = b"".join(marshaled_frames)
+        self.bytes_sent += len(data)  # type: ignore[attr-defined]
+        self.frames_sent += len(marshaled_frames)  # type: ignore[attr-defined]
+        self._adapter_emit_data(data)  # type: ignore[attr-defined]
+
+
+class _SelectConnection(_OneWritePerMessage, SelectConnection):  # type: ignore[misc]
+    """pika's SelectConnection (run by an I/O thread), one write per message."""
+
+
+class _AsyncioConnection(_OneWritePerMessage, AsyncioConnection):  # type: ignore[misc]
+    """pika's AsyncioConnection (on the event loop), one write per message."""
+
+
 class _Reply(Generic[T]):
     """Carries one result from the I/O thread to an asyncio future (at most once)."""
 
@@ -350,13 +374,13 @@ class AmqpConnection:
         }
         self._thread: threading.Thread | None = None
         if io_thread:
-            self._pika: Any = SelectConnection(parameters, **callbacks)
+            self._pika: Any = _SelectConnection(parameters, **callbacks)
             self._thread = threading.Thread(
                 target=self._io_run, name=f"amqp-io-{name}", daemon=True
             )
         else:
             # Connects at once, on this loop.
-            self._pika = AsyncioConnection(parameters, custom_ioloop=self._loop, **callbacks)
+            self._pika = _AsyncioConnection(parameters, custom_ioloop=self._loop, **callbacks)
 
     @classmethod
     async def open(

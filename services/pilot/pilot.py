@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import shlex
 import signal
@@ -37,7 +36,7 @@ from services.pilot.failures import (
 )
 from services.pilot.queue_link import Intake, QueueLink, Received
 from services.pilot.runner import RunResult, run
-from services.pilot.runtimes import Mount, Runtime, RuntimeSetupError, TaskSpec
+from services.pilot.runtimes import Launch, Mount, Runtime, RuntimeSetupError, TaskSpec
 from services.pilot.status import StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -129,8 +128,11 @@ class Pilot:
         self.runtime = runtime
         self.reporter = reporter
         self.sink: EventsSink = sink or NoEvents()
+        self._monitored = sink is not None  # else the monitoring events are not even built
         self.chirper = chirper
         self.counters = taskforce_pb2.TaskCounters()
+        if reporter is not None:
+            reporter.counters = self.counters  # the same object: read when a status is sent
         self.last_error = ""
         self._phase: int = Phase.PILOT_PHASE_STARTED
         self._inputs = QueueLink(settings.incoming, settings.max_event_bytes, "pilot-in")
@@ -173,6 +175,7 @@ class Pilot:
         log.info("draining", reason=reason)
         self._drain_reason = self._drain_reason or reason
         self._drain.set()
+        self._poke()
 
     def stop(self, reason: str) -> None:
         """Stop now: in-flight tasks are killed and their events nacked."""
@@ -180,6 +183,7 @@ class Pilot:
         self._drain_reason = self._drain_reason or reason
         self._drain.set()
         self._stop.set()
+        self._poke()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT (HTCondor eviction, condor_rm, Ctrl-C) drain the pilot."""
@@ -197,7 +201,6 @@ class Pilot:
 
     def _changed(self) -> None:
         if self.reporter:
-            self.reporter.counters.CopyFrom(self.counters)
             self.reporter.last_error = self.last_error
             self.reporter.changed()
         if self.chirper:
@@ -323,52 +326,46 @@ class Pilot:
     # -- intake --------------------------------------------------------------------------------
 
     async def _consume(self, intake: Intake) -> Outcome:
-        """Take deliveries while slots are free, until drained, idle, or failed."""
+        """Take deliveries as they arrive, until drained, idle, or failed. Every delivery is taken
+        at once (prefetch bounds them) and staged in; the slots bound how many tasks run. One
+        future wakes this loop, whatever happened (a delivery, a task done, a drain, a lost
+        queue)."""
+        loop = asyncio.get_running_loop()
         received_any = False
         idle_since = time.monotonic()
-        drain = asyncio.create_task(self._drain.wait())
-        getter: asyncio.Task[Received] | None = None
+        intake.on_ready = self._poke
+        intake.failed.add_done_callback(lambda _f: self._poke())
         try:
             while not self._drain.is_set():
-                waits: set[asyncio.Future[Any]] = {drain, intake.failed}
-                timeout = None
-                # Every delivery is taken at once (prefetch bounds them) and staged in; the
-                # slots bound how many tasks run.
-                getter = getter or asyncio.create_task(intake.ready.get())
-                waits.add(getter)
-                if self._tasks:
-                    self._wakeup = asyncio.get_running_loop().create_future()
-                    waits.add(self._wakeup)
-                else:
-                    limit = self.s.idle_timeout if received_any else self.s.first_event_timeout
-                    timeout = idle_since + limit - time.monotonic()
-                    if timeout <= 0:
-                        what = "an event" if not received_any else "another event"
-                        return Outcome(0, Phase.PILOT_PHASE_DONE, f"waited {limit:g}s for {what}")
-                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if intake.failed.done():
                     self.drain("input queue lost")
                     self._fatal = self._fatal or ContainerRunError(str(intake.failed.result()))
                     break
-                if getter is not None and getter.done():
-                    item = getter.result()
-                    getter = None
-                    if self._drain.is_set():
-                        intake.ready.put_nowait(item)  # nacked with the other untaken ones
-                        break
+                while not intake.ready.empty():
+                    item = intake.ready.get_nowait()
                     if not received_any:
                         received_any = True
                         self._first_received = time.monotonic()
                         self._set_phase(Phase.PILOT_PHASE_TASKING)
                     self._start(item)
+                timer = None
                 if not self._tasks:
                     idle_since = max(idle_since, self._last_done)
+                    limit = self.s.idle_timeout if received_any else self.s.first_event_timeout
+                    timeout = idle_since + limit - time.monotonic()
+                    if timeout <= 0:
+                        what = "an event" if not received_any else "another event"
+                        return Outcome(0, Phase.PILOT_PHASE_DONE, f"waited {limit:g}s for {what}")
+                    timer = loop.call_later(timeout, self._poke)
+                self._wakeup = loop.create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
+                    if timer is not None:
+                        timer.cancel()
         finally:
-            drain.cancel()
-            if getter is not None:
-                if getter.done() and not getter.cancelled():
-                    intake.ready.put_nowait(getter.result())
-                getter.cancel()
+            intake.on_ready = None
         return await self._wind_down(intake)
 
     def _poke(self) -> None:
@@ -455,15 +452,16 @@ class Pilot:
         self._changed()
         self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_STARTED)
         r.mark("job.started")
-        # Its slot ("thread") is known once it runs: job.finished carries it.
-        self.sink.emit(
-            "job.started",
-            job,
-            thread=None,
-            event_id=job,
-            queue=item.queue_id,
-            attempt=event.attempt,
-        )
+        if self._monitored:
+            # Its slot ("thread") is known once it runs: job.finished carries it.
+            self.sink.emit(
+                "job.started",
+                job,
+                thread=None,
+                event_id=job,
+                queue=item.queue_id,
+                attempt=event.attempt,
+            )
         paths = None
         me = asyncio.current_task()
         if me is not None:
@@ -481,6 +479,7 @@ class Pilot:
                 staged.write_infile()
             r.bytes_in = staged.bytes_in
             self._stage("stage_in", r, job, finished=True, bytes=r.bytes_in)
+            launch = self._launch(paths)  # ready before the slot frees
 
             await self._slots.acquire()
             r.slot = self._free_slots.pop()
@@ -491,11 +490,13 @@ class Pilot:
                 self._stage("execution", r, job)
                 out_fd, err_fd = staged.stdout_fd, staged.stderr_fd
                 staged.stdout_fd = staged.stderr_fd = -1  # the runner closes them
-                r.result = await self._execute(paths, out_fd, err_fd)
+                r.result = await self._execute(launch, paths, out_fd, err_fd)
             finally:
                 # The next task may start while this one's outputs are published.
                 self._free_slots.append(r.slot)
                 self._slots.release()
+            # Let a task waiting for the slot start before this one's outputs are handled.
+            await asyncio.sleep(0)
             self._stage(
                 "execution",
                 r,
@@ -555,15 +556,16 @@ class Pilot:
         self.counters.tasks_succeeded += 1
         self._changed()
         self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_FINISHED, r)
-        self.sink.emit(
-            "job.finished",
-            job,
-            executable=self._executable(),
-            exit_status=0,
-            thread=r.slot,
-            metrics=self._metrics(r),
-            error=None,
-        )
+        if self._monitored:
+            self.sink.emit(
+                "job.finished",
+                job,
+                executable=self._executable(),
+                exit_status=0,
+                thread=r.slot,
+                metrics=self._metrics(r),
+                error=None,
+            )
         if paths is not None:
             if self.s.dump_task_output:
                 self._dump(paths.stdout, paths.stderr, job)
@@ -575,7 +577,9 @@ class Pilot:
     def _executable(self) -> str:
         return self._task_image or (self._task_words[0] if self._task_words else "")
 
-    async def _execute(self, paths: task_io.TaskPaths, stdout_fd: int, stderr_fd: int) -> RunResult:
+    def _launch(self, paths: task_io.TaskPaths) -> Launch:
+        """The task's command line and environment for this run (ContainerRunError if the runtime
+        cannot build them)."""
         mounts = (
             Mount(paths.task_io, paths.task_io_seen, True),
             Mount(paths.hub, paths.hub_seen, True),
@@ -591,11 +595,13 @@ class Pilot:
             workdir_target=paths.task_io_seen,
         )
         try:
-            launch = self.runtime.launch(spec)
+            return self.runtime.launch(spec)
         except RuntimeSetupError as exc:
-            os.close(stdout_fd)
-            os.close(stderr_fd)
             raise ContainerRunError(f"task: {exc}") from None
+
+    async def _execute(
+        self, launch: Launch, paths: task_io.TaskPaths, stdout_fd: int, stderr_fd: int
+    ) -> RunResult:
         try:
             return await run(
                 launch,
@@ -623,7 +629,10 @@ class Pilot:
             if self.s.taskforce_uuid:
                 event.provenance.taskforce_uuid = self.s.taskforce_uuid
         try:
-            await asyncio.gather(*(self._outputs.publish(q, outputs) for q in queues))
+            if len(queues) == 1:
+                await self._outputs.publish(queues[0], outputs)
+            else:
+                await asyncio.gather(*(self._outputs.publish(q, outputs) for q in queues))
         except EventTooLarge as exc:
             raise OutputTooLargeError(str(exc)) from None
         except QueueClosed as exc:
@@ -666,7 +675,8 @@ class Pilot:
         if finished:
             fields["time"] = now - r.timestamps[f"{stage}.started"]
             r.durations[stage] = fields["time"]
-        self.sink.emit(f"job.{key}", job, **fields)
+        if self._monitored:
+            self.sink.emit(f"job.{key}", job, **fields)
 
     def _metrics(self, r: _Run) -> dict[str, Any]:
         res = r.result

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -56,6 +56,9 @@ class QueueLink:
 
     async def client(self) -> QueueClient:
         """The connected client (connecting if needed)."""
+        client = self._client
+        if client is not None and (not isinstance(client, AmqpQueueClient) or client.is_open):
+            return client  # the common case, without the lock
         async with self._lock:
             client = self._client
             if isinstance(client, AmqpQueueClient) and not client.is_open:
@@ -128,6 +131,8 @@ class Intake:
         self.failed: asyncio.Future[IntakeFailed] = asyncio.get_running_loop().create_future()
         self._closed = False
         self._paused = False
+        # Called after each delivery is put into ``ready`` (the pilot's wake-up).
+        self.on_ready: Callable[[], None] | None = None
 
     async def open(self) -> None:
         """Subscribe to every input queue (errors here are raised as they are)."""
@@ -153,6 +158,8 @@ class Intake:
                 async for delivery in subscription:
                     failures = 0
                     self.ready.put_nowait(Received(delivery, subscription, queue_id))
+                    if self.on_ready is not None:
+                        self.on_ready()
                 if self._closed:
                     return
                 error: Exception = QueueError("the subscription ended")

@@ -44,14 +44,17 @@ class Running:
         self.proc = proc
         self.pid = proc.pid
         self.started = started
-        loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[tuple[int, resource.struct_rusage | None]] = loop.create_future()
+        self._loop = loop = asyncio.get_running_loop()
+        self._result: tuple[int, resource.struct_rusage | None] | None = None
+        # One future per waiter, completed directly when the child is reaped (a cancelled waiter
+        # cancels only its own).
+        self._waiters: list[asyncio.Future[tuple[int, resource.struct_rusage | None]]] = []
         self._fd = os.pidfd_open(self.pid)
+        # Readable once the child has exited, also if that happened already.
         loop.add_reader(self._fd, self._reap)
-        self._reap()  # it may already have exited
 
     def _reap(self) -> None:
-        if self._done.done():
+        if self._result is not None:
             return
         try:
             pid, status, usage = os.wait4(self.pid, os.WNOHANG)
@@ -65,11 +68,14 @@ class Running:
         self._finish(code, usage)
 
     def _finish(self, code: int, usage: resource.struct_rusage | None) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._fd)
+        self._loop.remove_reader(self._fd)
         os.close(self._fd)
         self.proc.returncode = code
-        self._done.set_result((code, usage))
+        self._result = (code, usage)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(self._result)
+        self._waiters.clear()
 
     def signal_group(self, sig: int) -> None:
         """Signal the child's process group (it leads its own session)."""
@@ -78,7 +84,12 @@ class Running:
 
     async def wait(self) -> tuple[int, resource.struct_rusage | None]:
         """The exit code and resource use, once the child has exited."""
-        return await asyncio.shield(self._done)
+        if self._result is not None:
+            return self._result
+        waiter: asyncio.Future[tuple[int, resource.struct_rusage | None]]
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        return await waiter
 
     async def terminate(self, grace: float) -> None:
         """SIGTERM the group, SIGKILL it after ``grace`` seconds if the child still runs."""
@@ -89,6 +100,17 @@ class Running:
             self.signal_group(signal.SIGKILL)
             await self.wait()
         self.signal_group(signal.SIGKILL)
+
+
+_devnull = -1
+
+
+def _stdin() -> int:
+    """/dev/null for every child's stdin, opened once."""
+    global _devnull
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull
 
 
 def spawn(launch: Launch, stdout: Path | int, stderr: Path | int, alias: str) -> Running:
@@ -105,7 +127,7 @@ def spawn(launch: Launch, stdout: Path | int, stderr: Path | int, alias: str) ->
                 fds.append(os.open(target, flags, 0o644))
         proc = subprocess.Popen(
             launch.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=_stdin(),
             stdout=fds[0],
             stderr=fds[1],
             cwd=launch.cwd,

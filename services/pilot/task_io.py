@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import secrets
@@ -122,40 +123,6 @@ class TaskPaths:
         )
 
 
-def task_paths(
-    root: Path,
-    hub: Path,
-    event: queue_pb2.Event,
-    infile_ext: str,
-    outfile_ext: str,
-    maps_paths: bool,
-) -> TaskPaths:
-    """The paths of one run of the task on ``event`` in the task directory ``root``."""
-    name = event.event_id or "event"
-    task_io = root / "task-io"
-    infile = task_io / f"infile-{name}{infile_ext}"
-    outfile = task_io / f"outfile-{name}{outfile_ext}"
-    if maps_paths:
-        io_seen, hub_seen = CONTAINER_TASK_IO, CONTAINER_DATA_HUB
-    else:
-        io_seen, hub_seen = str(task_io), str(hub)
-    return TaskPaths(
-        root=root,
-        task_io=task_io,
-        infile=infile,
-        outfile=outfile,
-        outdir=task_io / "outdir",
-        stdout=root / "outputs" / "stdoutfile",
-        stderr=root / "outputs" / "stderrfile",
-        hub=hub,
-        task_io_seen=io_seen,
-        infile_seen=f"{io_seen}/{infile.name}",
-        outfile_seen=f"{io_seen}/{outfile.name}",
-        outdir_seen=f"{io_seen}/outdir",
-        hub_seen=hub_seen,
-    )
-
-
 @dataclass(frozen=True)
 class InitPaths:
     """Host paths of the init task run."""
@@ -209,12 +176,42 @@ def check_infile(event: queue_pb2.Event, infile_ext: str) -> None:
             ) from None
 
 
-@dataclass
 class _Dir:
-    """One pooled task directory."""
+    """One pooled task directory, with the paths that stay the same from run to run."""
 
-    root: Path
-    infile_name: str = ""  # the infile's current name in task-io ("" when there is none)
+    def __init__(self, root: Path, hub: Path, maps_paths: bool) -> None:
+        self.root = root
+        self.task_io = root / "task-io"
+        self.outdir = self.task_io / "outdir"
+        self.stdout = root / "outputs" / "stdoutfile"
+        self.stderr = root / "outputs" / "stderrfile"
+        self.hub = hub
+        if maps_paths:
+            self.io_seen, self.hub_seen = CONTAINER_TASK_IO, CONTAINER_DATA_HUB
+        else:
+            self.io_seen, self.hub_seen = str(self.task_io), str(hub)
+        self.infile_name = ""  # the infile's current name in task-io ("" when there is none)
+
+    def paths(self, event: queue_pb2.Event, infile_ext: str, outfile_ext: str) -> TaskPaths:
+        """The paths of one run of the task on ``event`` here."""
+        name = event.event_id or "event"
+        infile_name = f"infile-{name}{infile_ext}"
+        outfile_name = f"outfile-{name}{outfile_ext}"
+        return TaskPaths(
+            root=self.root,
+            task_io=self.task_io,
+            infile=self.task_io / infile_name,
+            outfile=self.task_io / outfile_name,
+            outdir=self.outdir,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            hub=self.hub,
+            task_io_seen=self.io_seen,
+            infile_seen=f"{self.io_seen}/{infile_name}",
+            outfile_seen=f"{self.io_seen}/{outfile_name}",
+            outdir_seen=f"{self.io_seen}/outdir",
+            hub_seen=self.hub_seen,
+        )
 
 
 @dataclass
@@ -277,14 +274,10 @@ class TaskDirs:
         InvalidDataForInfileException for a payload the infile cannot take, OSError when the
         directory cannot be made."""
         check_infile(event, self._infile_ext)
-        if self._hub is None:
-            self._hub = data_hub(self.data_dir)
         d = self._free.pop() if self._free else self._make()
         self._taken[d.root] = d
         try:
-            paths = task_paths(
-                d.root, self._hub, event, self._infile_ext, self._outfile_ext, self._maps_paths
-            )
+            paths = d.paths(event, self._infile_ext, self._outfile_ext)
             if d.infile_name and d.infile_name != paths.infile.name:
                 with contextlib.suppress(FileNotFoundError):  # the last task removed it
                     os.rename(paths.task_io / d.infile_name, paths.infile)
@@ -335,6 +328,8 @@ class TaskDirs:
         self._taken.clear()
 
     def _make(self) -> _Dir:
+        if self._hub is None:
+            self._hub = data_hub(self.data_dir)
         while True:
             self._made += 1
             root = self.data_dir / f"task-{self._made}"
@@ -344,7 +339,7 @@ class TaskDirs:
                 continue  # left by an earlier pilot in the same data directory
             (root / "task-io" / "outdir").mkdir(parents=True)
             (root / "outputs").mkdir()
-            return _Dir(root)
+            return _Dir(root, self._hub, self._maps_paths)
 
     def _drop(self, d: _Dir) -> None:
         self._taken.pop(d.root, None)
@@ -385,13 +380,13 @@ def _remove_entry(entry: os.DirEntry[str]) -> None:
 
 
 def _output_event(
-    path: Path, data: bytes, json_required: bool, input_event: queue_pb2.Event
+    name: str, data: bytes, json_required: bool, input_event: queue_pb2.Event
 ) -> queue_pb2.Event:
     if json_required:
         try:
             json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidOutputError(f"output {path.name} is not valid JSON ({exc})") from None
+            raise InvalidOutputError(f"output {name} is not valid JSON ({exc})") from None
         content_type = JSON_TYPE
     else:
         try:
@@ -404,36 +399,68 @@ def _output_event(
     return event
 
 
+def _read_output(path: str, name: str, max_event_bytes: int) -> bytes | None:
+    """One output file's bytes (None if it does not exist). Links are not followed: a task in a
+    sandbox must not publish what the pilot can read and it cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidOutputError(
+                f"output {name} is a symbolic link; outputs must be regular files"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidOutputError(f"output {name} is not a regular file")
+        if info.st_size > max_event_bytes:
+            raise OutputTooLargeError(
+                f"output {name} is {info.st_size} bytes, over the event size limit of "
+                f"{max_event_bytes} bytes"
+            )
+        chunks = []
+        size = 0
+        while chunk := os.read(fd, max(info.st_size, 65536)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_event_bytes:  # it grew meanwhile
+                raise OutputTooLargeError(
+                    f"output {name} is over the event size limit of {max_event_bytes} bytes"
+                )
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_outputs(
     paths: TaskPaths, outfile_ext: str, max_event_bytes: int, input_event: queue_pb2.Event
 ) -> tuple[list[queue_pb2.Event], int]:
     """The output events: the outfile (if written), then every file under ``outdir`` in name order
-    (each its own event, with header ``filename``). Returns them with their total size."""
-    files: list[tuple[Path, bool]] = []
-    if paths.outfile.is_file():
-        files.append((paths.outfile, outfile_ext == ".json"))
-    if paths.outdir.is_dir():
-        for dirpath, dirnames, filenames in os.walk(paths.outdir):
-            dirnames.sort()
-            for name in sorted(filenames):
-                file = Path(dirpath) / name
-                if file.is_file():
-                    files.append((file, file.suffix == ".json"))
+    (each its own event, with header ``filename``). Returns them with their total size. An output
+    that is a link or not a regular file is an InvalidOutputError."""
     events: list[queue_pb2.Event] = []
     total = 0
-    for file, json_required in files:
-        size = file.stat().st_size
-        if size > max_event_bytes:
-            raise OutputTooLargeError(
-                f"output {file.name} is {size} bytes, over the event size limit of "
-                f"{max_event_bytes} bytes"
-            )
-        data = file.read_bytes()
-        event = _output_event(file, data, json_required, input_event)
-        if file.parent != paths.task_io:
-            event.headers["filename"] = str(file.relative_to(paths.outdir))
-        events.append(event)
-        total += size
+    name = paths.outfile.name
+    data = _read_output(str(paths.outfile), name, max_event_bytes)
+    if data is not None:
+        events.append(_output_event(name, data, outfile_ext == ".json", input_event))
+        total += len(data)
+    outdir = str(paths.outdir)
+    for dirpath, dirnames, filenames in os.walk(outdir):
+        dirnames.sort()
+        prefix = dirpath[len(outdir) + 1 :]
+        for name in sorted(filenames):
+            relative = os.path.join(prefix, name) if prefix else name
+            data = _read_output(os.path.join(dirpath, name), relative, max_event_bytes)
+            if data is None:
+                continue  # removed meanwhile
+            event = _output_event(relative, data, name.endswith(".json"), input_event)
+            event.headers["filename"] = relative
+            events.append(event)
+            total += len(data)
     return events, total
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ewms.v1 import queue_pb2
-from services.pilot.failures import InvalidDataForInfileException
+from services.pilot.failures import InvalidDataForInfileException, InvalidOutputError
 from services.pilot.task_io import TaskDirs, read_outputs
 
 
@@ -141,3 +141,31 @@ def test_a_json_infile_refuses_a_payload_that_is_not_json_before_taking_a_direct
     assert dirs.pooled == 0
     _, infile = staged_run(dirs, event("EV-2", b'{"ok": true}'))
     assert infile.read_bytes() == b'{"ok": true}'
+
+
+def test_outputs_that_are_links_or_not_regular_files_are_refused(tmp_path: Path) -> None:
+    dirs = TaskDirs(tmp_path / "data", ".in", ".out", maps_paths=False)
+    staged = dirs.take(event("EV-1", b"x"))
+    staged.close()
+    paths = staged.paths
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the queue")
+    paths.outfile.symlink_to(secret)
+    with pytest.raises(InvalidOutputError, match="is a symbolic link"):
+        read_outputs(paths, ".out", 1000, event("EV-1", b""))
+    paths.outfile.unlink()
+    os.mkfifo(paths.outdir / "pipe")
+    with pytest.raises(InvalidOutputError, match="pipe is not a regular file"):
+        read_outputs(paths, ".out", 1000, event("EV-1", b""))
+    (paths.outdir / "pipe").unlink()
+    (paths.outdir / "a" / "b").mkdir(parents=True)
+    (paths.outdir / "a" / "b" / "deep.json").write_text('{"n": 1}')
+    (paths.outdir / "top.txt").write_text("top")
+    paths.outfile.write_text("main")
+    outputs, size = read_outputs(paths, ".out", 1000, event("EV-1", b""))
+    assert [(o.headers.get("filename"), o.payload, o.content_type) for o in outputs] == [
+        (None, b"main", "text/plain"),
+        ("top.txt", b"top", "text/plain"),
+        ("a/b/deep.json", b'{"n": 1}', "application/json"),
+    ]
+    assert size == 4 + 3 + 8
