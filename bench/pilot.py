@@ -477,11 +477,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         samples.setdefault((backend, runtime, concurrency), []).append(sample)
                         per_task = 1000 / args.events  # CPU seconds -> ms per task
                         own = float(run.finished.get("cpu_seconds", 0.0))
+                        spawner = float(run.finished.get("spawner_cpu_seconds", 0.0))
+                        tasks = float(run.finished.get("task_cpu_seconds", 0.0))
                         print(
                             f"{label}: {backend} pilot {run.rate:,.0f}/s "
                             f"({run.tasking_seconds:.2f} s tasking, {run.wall_seconds:.2f} s "
-                            f"wall; CPU ms per task: pilot {own * per_task:.2f}, its tasks "
-                            f"{(run.pilot_cpu_seconds - own) * per_task:.2f}, WMS "
+                            f"wall; CPU ms per task: pilot {own * per_task:.2f}, its spawner "
+                            f"{spawner * per_task:.2f}, its tasks {tasks * per_task:.2f}, WMS "
                             f"{run.wms_cpu_seconds * per_task:.2f}, RabbitMQ "
                             f"{run.rabbitmq_cpu_seconds * per_task:.2f}; others "
                             f"{run.other_cores:.2f} cores; VmHWM "

@@ -39,6 +39,9 @@ import structlog
 from pika import spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import SelectConnection
+from pika.adapters.utils.io_services_utils import (
+    _AsyncPlaintextTransport as _PlaintextTransport,
+)
 
 from ewms.v1 import queue_pb2
 from services import ids
@@ -311,7 +314,30 @@ class _SelectConnection(_OneWritePerMessage, SelectConnection):  # type: ignore[
 
 
 class _AsyncioConnection(_OneWritePerMessage, AsyncioConnection):  # type: ignore[misc]
-    """pika's AsyncioConnection (on the event loop), one write per message."""
+    """pika's AsyncioConnection (on the event loop), one write per message, sent at once.
+
+    pika's transport never sends in ``write()``: it buffers, asks the loop to watch the socket
+    for writability, sends on the next turn and stops watching -- two ``epoll_ctl`` calls and a
+    loop turn per message. When nothing is buffered this sends straight away (as asyncio's own
+    transports do) and hands the transport only what the socket did not take."""
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        transport = self._transport
+        if (
+            isinstance(transport, _PlaintextTransport)
+            and transport._state == transport._STATE_ACTIVE
+            and not transport.get_write_buffer_size()
+        ):
+            try:
+                sent = transport._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport's own write path meets the error and reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super()._adapter_emit_data(data)
 
 
 class _Reply(Generic[T]):

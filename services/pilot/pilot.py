@@ -37,6 +37,7 @@ from services.pilot.failures import (
 from services.pilot.queue_link import Intake, QueueLink, Received
 from services.pilot.runner import RunResult, run
 from services.pilot.runtimes import Launch, Mount, Runtime, RuntimeSetupError, TaskSpec
+from services.pilot.spawner import Spawner
 from services.pilot.status import StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -81,9 +82,8 @@ def _cpu_seconds(who: int) -> float:
 
 
 def _ts() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
+    now = time.time_ns()
+    return Timestamp(seconds=now // 1_000_000_000, nanos=now % 1_000_000_000)
 
 
 @dataclass
@@ -151,6 +151,8 @@ class Pilot:
         self._task_words = shlex.split(settings.task_args)
         self._free_slots = list(range(settings.max_concurrent_tasks - 1, -1, -1))
         self._wakeup: asyncio.Future[None] | None = None
+        self._spawner: Spawner | None = None  # started by run()
+        self._task_cpu = 0.0  # CPU seconds of the task runs, summed
         self._dirs = task_io.TaskDirs(
             settings.data_dir, settings.infile_ext, settings.outfile_ext, runtime.maps_paths
         )
@@ -213,6 +215,7 @@ class Pilot:
         if self.chirper:
             self.chirper.started()
         outcome = await self._run()
+        spawner_cpu = await self._spawner.close() if self._spawner is not None else 0.0
         if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR:
             self.last_error = self.last_error or outcome.reason
             self._changed()
@@ -227,9 +230,10 @@ class Pilot:
             failed=self.counters.tasks_failed,
             published=self.counters.events_published,
             tasking_seconds=round(self._tasking_seconds(), 6),
-            # The pilot's own CPU (all its threads), and its tasks' (those reaped so far).
+            # CPU of the pilot (all its threads), of its spawner process, and of its tasks.
             cpu_seconds=round(_cpu_seconds(resource.RUSAGE_SELF), 3),
-            task_cpu_seconds=round(_cpu_seconds(resource.RUSAGE_CHILDREN), 3),
+            spawner_cpu_seconds=round(max(0.0, spawner_cpu - self._task_cpu), 3),
+            task_cpu_seconds=round(self._task_cpu, 3),
         )
         if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR and self.s.quarantine_time:
             # Blackhole protection: a broken worker must not grab and fail events quickly.
@@ -254,6 +258,10 @@ class Pilot:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _run(self) -> Outcome:
+        try:
+            self._spawner = Spawner.start()
+        except OSError as exc:
+            return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, f"cannot start the spawner: {exc}")
         try:
             if self._task_image:
                 self._task_image = await self.runtime.prepare(self._task_image)
@@ -304,6 +312,7 @@ class Pilot:
                 alias="init",
                 time_limit=self.s.init_timeout,
                 kill_grace=self.s.kill_grace,
+                spawner=self._spawner,
             )
         except TaskError:
             self._dump(paths.stdout, paths.stderr, "init")
@@ -602,8 +611,9 @@ class Pilot:
     async def _execute(
         self, launch: Launch, paths: task_io.TaskPaths, stdout_fd: int, stderr_fd: int
     ) -> RunResult:
+        result = None
         try:
-            return await run(
+            result = await run(
                 launch,
                 stdout_fd,
                 stderr_fd,
@@ -611,8 +621,15 @@ class Pilot:
                 alias="task",
                 time_limit=self.s.task_timeout,
                 kill_grace=self.s.kill_grace,
+                spawner=self._spawner,
             )
+            return result
+        except TaskError as exc:
+            result = exc.result
+            raise
         finally:
+            if result is not None:
+                self._task_cpu += result.cpu_user + result.cpu_system
             if launch.container_name:
                 await asyncio.shield(self.runtime.cleanup(launch))
 
