@@ -1,0 +1,178 @@
+"""The pilot's spawner process (services/pilot/spawner.py) with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.pilot.spawner import Exit, Spawner, SpawnerLost
+
+WAIT = 10.0
+
+
+def outputs(tmp_path: Path, name: str) -> tuple[int, int, Path]:
+    """Descriptors for a task's stdout and stderr, and the stdout file."""
+    out = tmp_path / f"{name}.out"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    return os.open(out, flags, 0o644), os.open(tmp_path / f"{name}.err", flags, 0o644), out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def eventually_gone(pid: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def spawner() -> AsyncIterator[Spawner]:
+    opened = Spawner.start()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def start(
+    spawner: Spawner, tmp_path: Path, argv: list[str], env: dict[str, str], name: str = "t"
+) -> tuple[int, asyncio.Future[Exit | SpawnerLost], Path]:
+    out, err, path = outputs(tmp_path, name)
+    ended: asyncio.Future[Exit | SpawnerLost] = asyncio.get_running_loop().create_future()
+    pid = await spawner.spawn(argv, env, str(tmp_path), out, err, ended.set_result)
+    return pid, ended, path
+
+
+async def test_a_task_runs_in_its_directory_with_exactly_its_environment(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    env = {"PATH": os.environ["PATH"], "ONLY": "this"}
+    script = "pwd; env | sort; [ -t 0 ] || cat; ps -o sid= -p $$; echo $$; exit 3"
+    pid, ended, out = await start(spawner, tmp_path, ["sh", "-c", script], env)
+    result = await asyncio.wait_for(ended, WAIT)
+    assert isinstance(result, Exit)
+    assert os.waitstatus_to_exitcode(result.wait_status) == 3
+    lines = out.read_text().splitlines()
+    assert lines[0] == str(tmp_path)
+    variables = {line.split("=", 1)[0] for line in lines[1:-2]}
+    assert variables <= {"PATH", "ONLY", "PWD", "SHLVL", "_"}  # what sh adds itself
+    assert "ONLY=this" in lines
+    assert lines[-2].strip() == lines[-1] == str(pid)  # leads its own session
+    assert result.max_rss_kib > 0
+
+
+async def test_the_environment_follows_changes_from_one_task_to_the_next(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    base = {"PATH": os.environ["PATH"], "KEEP": "1", "DROP": "1"}
+    _, first, _ = await start(spawner, tmp_path, ["true"], base, "a")
+    await asyncio.wait_for(first, WAIT)
+    changed = {"PATH": os.environ["PATH"], "KEEP": "2", "NEW": "3"}
+    _, second, out = await start(spawner, tmp_path, ["env"], changed, "b")
+    await asyncio.wait_for(second, WAIT)
+    seen = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert seen == changed
+
+
+async def test_a_command_that_cannot_start_fails_its_spawn(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    out, err, _ = outputs(tmp_path, "missing")
+    with pytest.raises(OSError) as raised:
+        await spawner.spawn(
+            ["/nonexistent/command"],
+            {},
+            str(tmp_path),
+            out,
+            err,
+            lambda _r: None,
+            executable="/nonexistent/command",
+        )
+    assert not isinstance(raised.value, SpawnerLost)
+    # The helper keeps serving.
+    _, ended, _ = await start(spawner, tmp_path, ["true"], {"PATH": os.environ["PATH"]})
+    assert isinstance(await asyncio.wait_for(ended, WAIT), Exit)
+
+
+async def test_signals_reach_the_whole_group_and_leftovers_are_killed_at_exit(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    env = {"PATH": os.environ["PATH"]}
+    # A task that leaves a grandchild behind when it exits.
+    pid, ended, out = await start(
+        spawner, tmp_path, ["sh", "-c", "sleep 60 & echo $!; exit 0"], env, "leaver"
+    )
+    await asyncio.wait_for(ended, WAIT)
+    await eventually_gone(int(out.read_text().split()[0]))
+    # A running task and its child, terminated through the group.
+    pid, ended, out = await start(
+        spawner, tmp_path, ["sh", "-c", "sleep 60 & echo $!; wait"], env, "runner"
+    )
+    deadline = time.monotonic() + WAIT
+    while not out.read_text():
+        assert time.monotonic() < deadline, "the task never started"
+        await asyncio.sleep(0.02)
+    grandchild = int(out.read_text().split()[0])
+    spawner.signal(pid, signal.SIGTERM)
+    result = await asyncio.wait_for(ended, WAIT)
+    assert isinstance(result, Exit)
+    assert os.waitstatus_to_exitcode(result.wait_status) == -signal.SIGTERM
+    await eventually_gone(grandchild)
+
+
+async def test_closing_the_pilot_side_kills_running_tasks(tmp_path: Path) -> None:
+    spawner = Spawner.start()
+    pid, ended, _ = await start(spawner, tmp_path, ["sleep", "60"], {"PATH": os.environ["PATH"]})
+    await spawner.close()
+    await eventually_gone(pid)
+    assert isinstance(await asyncio.wait_for(ended, WAIT), SpawnerLost)
+
+
+async def test_a_dead_helper_fails_waiters_and_later_spawns(tmp_path: Path) -> None:
+    spawner = Spawner.start()
+    try:
+        pid, ended, _ = await start(
+            spawner, tmp_path, ["sleep", "60"], {"PATH": os.environ["PATH"]}
+        )
+        os.kill(spawner.pid, signal.SIGKILL)
+        assert isinstance(await asyncio.wait_for(ended, WAIT), SpawnerLost)
+        out, err, _ = outputs(tmp_path, "after")
+        with pytest.raises(SpawnerLost):
+            await spawner.spawn(["true"], {}, str(tmp_path), out, err, lambda _r: None)
+    finally:
+        await spawner.close()
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_spawn_given_up_before_it_started_is_killed(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    out, err, path = outputs(tmp_path, "abandoned")
+    pending = spawner.spawn(
+        ["sh", "-c", "echo $$; sleep 60"],
+        {"PATH": os.environ["PATH"]},
+        str(tmp_path),
+        out,
+        err,
+        lambda _r: None,
+    )
+    pending.cancel()
+    deadline = time.monotonic() + WAIT
+    while not path.read_text():
+        assert time.monotonic() < deadline, "the abandoned task never started"
+        await asyncio.sleep(0.02)
+    await eventually_gone(int(path.read_text()))
