@@ -15,6 +15,7 @@ import resource
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -145,11 +146,9 @@ class Pilot:
         # process runs). A slot frees when the process exits, so publishing and acking overlap
         # the next task.
         self._tasks: dict[asyncio.Task[None], Received] = {}
-        self._slots = asyncio.Semaphore(settings.max_concurrent_tasks)
         # Handles whose task has not started: a drain cancels them at once.
         self._not_started: set[asyncio.Task[Any]] = set()
         self._task_words = shlex.split(settings.task_args)
-        self._free_slots = list(range(settings.max_concurrent_tasks - 1, -1, -1))
         self._wakeup: asyncio.Future[None] | None = None
         self._spawner: Spawner | None = None  # started by run()
         self._task_cpu = 0.0  # CPU seconds of the task runs, summed
@@ -259,7 +258,7 @@ class Pilot:
 
     async def _run(self) -> Outcome:
         try:
-            self._spawner = Spawner.start()
+            self._spawner = Spawner.start(self.s.max_concurrent_tasks)
         except OSError as exc:
             return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, f"cannot start the spawner: {exc}")
         try:
@@ -304,6 +303,7 @@ class Pilot:
         )
         launch = self.runtime.launch(spec)
         log.info("init task", argv=launch.argv)
+        assert self._spawner is not None
         try:
             await run(
                 launch,
@@ -488,24 +488,20 @@ class Pilot:
                 staged.write_infile()
             r.bytes_in = staged.bytes_in
             self._stage("stage_in", r, job, finished=True, bytes=r.bytes_in)
-            launch = self._launch(paths)  # ready before the slot frees
+            launch = self._launch(paths)
+            if self._drain.is_set():
+                raise NotStarted()
 
-            await self._slots.acquire()
-            r.slot = self._free_slots.pop()
-            try:
-                if self._drain.is_set():
-                    raise NotStarted()
+            def started(slot: int) -> None:
+                r.slot = slot
                 self._not_started.discard(me)  # type: ignore[arg-type]
                 self._stage("execution", r, job)
-                out_fd, err_fd = staged.stdout_fd, staged.stderr_fd
-                staged.stdout_fd = staged.stderr_fd = -1  # the runner closes them
-                r.result = await self._execute(launch, paths, out_fd, err_fd)
-            finally:
-                # The next task may start while this one's outputs are published.
-                self._free_slots.append(r.slot)
-                self._slots.release()
-            # Let a task waiting for the slot start before this one's outputs are handled.
-            await asyncio.sleep(0)
+
+            # Queued in the spawner, which starts it the moment one of its slots frees (no round
+            # trip through this loop), so publishing and acking overlap the next task.
+            out_fd, err_fd = staged.stdout_fd, staged.stderr_fd
+            staged.stdout_fd = staged.stderr_fd = -1  # the runner closes them
+            r.result = await self._execute(launch, paths, out_fd, err_fd, started)
             self._stage(
                 "execution",
                 r,
@@ -609,8 +605,14 @@ class Pilot:
             raise ContainerRunError(f"task: {exc}") from None
 
     async def _execute(
-        self, launch: Launch, paths: task_io.TaskPaths, stdout_fd: int, stderr_fd: int
+        self,
+        launch: Launch,
+        paths: task_io.TaskPaths,
+        stdout_fd: int,
+        stderr_fd: int,
+        on_start: Callable[[int], None],
     ) -> RunResult:
+        assert self._spawner is not None
         result = None
         try:
             result = await run(
@@ -622,6 +624,7 @@ class Pilot:
                 time_limit=self.s.task_timeout,
                 kill_grace=self.s.kill_grace,
                 spawner=self._spawner,
+                on_start=on_start,
             )
             return result
         except TaskError as exc:

@@ -1,13 +1,10 @@
-"""Runs one launched command without blocking the event loop, and measures it.
+"""Runs one launched command through the pilot's spawner and measures it, without blocking the
+event loop.
 
-The child is spawned in its own session (so its whole process group can be signalled) with stdout
-and stderr going straight to files, and is reaped with ``os.wait4``, which also yields its resource
-use (CPU user/system, max RSS). Spawning uses ``subprocess.Popen`` (fork+exec in one step, as
-asyncio's own subprocesses do), never a bare fork, so it is safe after gRPC has started. Two ways:
-
-- with a :class:`~services.pilot.spawner.Spawner` (the pilot's tasks), its helper process spawns
-  and reaps, so the event loop is never suspended in ``vfork``;
-- without (the init task, and tools), here, reaped through a pidfd watched by the event loop.
+The :class:`~services.pilot.spawner.Spawner`'s helper process starts the command when one of its
+slots is free, in its own session (so its whole process group can be signalled), with stdout and
+stderr going straight to files, and reaps it with ``os.wait4``, which also yields its resource use
+(CPU user/system, max RSS). Nothing here forks.
 
 A timeout sends SIGTERM to the process group, then SIGKILL after a grace period; after any exit the
 group is killed so no grandchild outlives its task.
@@ -19,11 +16,9 @@ The command's executable is looked up in its own ``PATH`` once and remembered, i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,8 +51,11 @@ class _Ended:
 class Running:
     """One spawned child: await :meth:`wait`; :meth:`terminate` kills its whole group."""
 
-    def __init__(self, pid: int, started: float, signal_group: Callable[[int], None]) -> None:
+    def __init__(
+        self, pid: int, slot: int, started: float, signal_group: Callable[[int], None]
+    ) -> None:
         self.pid = pid
+        self.slot = slot  # which of the spawner's slots it runs in
         self.started = started
         self._signal_group = signal_group
         self._loop = asyncio.get_running_loop()
@@ -111,16 +109,7 @@ class Running:
         self.signal_group(signal.SIGKILL)
 
 
-_devnull = -1
 _executables: dict[tuple[str, str | None], str] = {}
-
-
-def _stdin() -> int:
-    """/dev/null for every child's stdin, opened once."""
-    global _devnull
-    if _devnull < 0:
-        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    return _devnull
 
 
 def _executable(launch: Launch) -> str | None:
@@ -158,66 +147,15 @@ def _output_fds(stdout: Path | int, stderr: Path | int) -> tuple[int, int]:
     return fds[0], fds[1]
 
 
-def _spawn_here(launch: Launch, stdout: int, stderr: int, alias: str) -> Running:
-    """Spawn from this process and reap through a pidfd on the event loop."""
-    started = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            launch.argv,
-            executable=_executable(launch),
-            stdin=_stdin(),
-            stdout=stdout,
-            stderr=stderr,
-            cwd=launch.cwd,
-            env=launch.env,
-            start_new_session=True,
-            close_fds=True,
-        )
-    except OSError as exc:
-        raise ContainerRunError(f"{alias} could not start {launch.argv[0]!r}: {exc}") from None
-    finally:
-        os.close(stdout)
-        os.close(stderr)
-    pid = proc.pid
-
-    def signal_group(sig: int) -> None:
-        if not running.done:  # a reaped pid may be reused
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig)
-
-    running = Running(pid, started, signal_group)
-    loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(pid)
-
-    def reap() -> None:
-        try:
-            got, status, usage = os.wait4(pid, os.WNOHANG)
-        except ChildProcessError:
-            got, status, usage = pid, 255 << 8, None  # reaped elsewhere: unknown exit
-        if got == 0:
-            return
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        code = os.waitstatus_to_exitcode(status)
-        proc.returncode = code
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # what the task left behind in its group
-        running.finish(
-            _Ended(code, usage.ru_utime, usage.ru_stime, usage.ru_maxrss * 1024)
-            if usage
-            else _Ended(code)
-        )
-
-    # Readable once the child has exited, also if that happened already.
-    loop.add_reader(pidfd, reap)
-    return running
-
-
-async def _spawn_with(
-    spawner: Spawner, launch: Launch, stdout: int, stderr: int, alias: str
+async def _start(
+    spawner: Spawner,
+    launch: Launch,
+    stdout: int,
+    stderr: int,
+    alias: str,
+    executable: str | None,
 ) -> Running:
-    """Spawn through the helper process; it reaps and reports the exit."""
-    started = time.monotonic()
+    """Hand the task to the spawner and wait until it runs (it may wait for a free slot)."""
     running: Running | None = None
     early: list[Exit | SpawnerLost] = []
 
@@ -231,21 +169,18 @@ async def _spawn_with(
             running.finish(_Ended(code, result.user, result.system, result.max_rss_kib * 1024))
 
     pending = spawner.spawn(
-        launch.argv,
-        launch.env,
-        str(launch.cwd),
-        stdout,
-        stderr,
-        on_exit,
-        executable=_executable(launch),
+        launch.argv, launch.env, str(launch.cwd), stdout, stderr, on_exit, executable=executable
     )
     try:
-        pid = await pending
+        pid, slot = await pending.started
+    except asyncio.CancelledError:
+        spawner.withdraw(pending)
+        raise
     except SpawnerLost:
         raise
     except OSError as exc:
         raise ContainerRunError(f"{alias} could not start {launch.argv[0]!r}: {exc}") from None
-    running = Running(pid, started, lambda sig: spawner.signal(pid, sig))
+    running = Running(pid, slot, time.monotonic(), lambda sig: spawner.signal(pid, sig))
     for result in early:
         on_exit(result)
     return running
@@ -259,19 +194,20 @@ async def run(
     alias: str,
     time_limit: float | None,
     kill_grace: float,
+    spawner: Spawner,
     stderr_path: Path | None = None,
-    spawner: Spawner | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Run to completion (or timeout) and measure. Raises :class:`ContainerRunError` (or
-    :class:`TaskTimeoutError`) with the error text from stderr when the run did not exit 0, and
-    :class:`~services.pilot.spawner.SpawnerLost` when the spawner's helper is gone. Cancelling
-    this coroutine kills the process group first."""
+    """Run to completion (or timeout) and measure; ``on_start(slot)`` is called when the
+    spawner has started it (it waits for one of the spawner's slots). Raises
+    :class:`ContainerRunError` (or :class:`TaskTimeoutError`) with the error text from stderr when
+    the run did not exit 0, and :class:`~services.pilot.spawner.SpawnerLost` when the spawner's
+    helper is gone. Cancelling this coroutine withdraws the task or kills its process group."""
     errors = stderr_path or (stderr if isinstance(stderr, Path) else None)
     out_fd, err_fd = _output_fds(stdout, stderr)
-    if spawner is None:
-        running = _spawn_here(launch, out_fd, err_fd, alias)
-    else:
-        running = await _spawn_with(spawner, launch, out_fd, err_fd, alias)
+    running = await _start(spawner, launch, out_fd, err_fd, alias, _executable(launch))
+    if on_start is not None:
+        on_start(running.slot)
     timed_out = False
     try:
         try:

@@ -1,20 +1,23 @@
-"""Spawning and reaping tasks in a small helper process, so the pilot's event loop never waits for
-one.
+"""Spawning and reaping tasks in a small helper process that also keeps the task slots full.
 
-``subprocess.Popen`` forks with ``vfork``: the calling thread is suspended until the child has
-called ``exec``, and on a busy machine the child first waits for a CPU. In the pilot that thread is
-the event loop, which also receives events, publishes outputs and acks; measured under load it spent
-about a millisecond per task suspended there, more than all its own work. A thread cannot take that
-wait (it needs the GIL around the call, and the event loop holds it), so a separate process does:
+Spawning from the pilot itself (``subprocess.Popen``, ``vfork``) suspends its event loop until the
+child has called ``exec``, and on a busy machine the child first waits for a CPU: measured under
+load, about a millisecond per task, more than all the loop's own work for that task. A thread
+cannot take that wait (it needs the GIL around the call, and the event loop holds it). And with the
+loop deciding when a slot is free, the next task starts only after the exit has crossed the loop.
+So a separate process owns the slots (``EWMS_PILOT_MAX_CONCURRENT_TASKS``):
 
-- the pilot sends ``("spawn", id, argv, changed, removed, cwd, executable)`` with the task's stdout
-  and stderr descriptors attached (``SCM_RIGHTS``) over a ``SOCK_SEQPACKET`` socket pair, and goes
-  on; the task's environment is the helper's own, cleared at start and then changed as told (so
-  each spawn carries only the variables that differ from the last one);
-- the helper spawns with ``posix_spawn`` (in a new session, stdin ``/dev/null``), answers
-  ``("started", id, pid)`` or ``("failed", id, errno, text)``; on SIGCHLD it reaps with
-  ``os.wait4``, kills what the task left in its process group, and reports ``("exited", pid, wait
-  status, user CPU, system CPU, max RSS KiB)``;
+- the pilot queues a task with ``("spawn", id, argv, changed, removed, cwd, executable)``, its
+  stdout and stderr descriptors attached (``SCM_RIGHTS``), over a ``SOCK_SEQPACKET`` socket pair,
+  as soon as the event is staged in; the environment travels as the variables that differ from the
+  previous request's;
+- the helper starts queued tasks in order while it has a free slot, with ``posix_spawn`` (in a new
+  session, stdin ``/dev/null``), and answers ``("started", id, pid, slot)`` or ``("failed", id,
+  errno, text)``; on SIGCHLD it reaps with ``os.wait4``, kills what the task left in its process
+  group, starts the next queued task at once, then reports ``("exited", pid, wait status, user CPU,
+  system CPU, max RSS KiB)``;
+- ``("withdraw", id)`` drops a task that has not started (``("withdrawn", id)``); one that started
+  meanwhile is killed when its start is reported;
 - ``("signal", pid, signal)`` signals a task's process group, only while the helper has not reaped
   it (so a reused pid is never signalled).
 
@@ -22,18 +25,21 @@ The helper ignores SIGINT and SIGTERM (its tasks do not inherit that: handlers r
 pilot decides. When the pilot goes away -- even with SIGKILL -- the socket reaches end of file and
 the helper kills every task's process group, reaps them, and exits.
 
-This file is the helper's program too (``python -I -S spawner.py FD``): it imports only the
+This file is the helper's program too (``python -I -S spawner.py FD SLOTS``): it imports only the
 standard library, so the helper starts in milliseconds and stays small.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import errno
 import itertools
 import os
 import pickle
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,6 +68,14 @@ class SpawnerLost(OSError):
 ExitCallback = Callable[["Exit | SpawnerLost"], None]
 
 
+@dataclass
+class Pending:
+    """A task handed to the helper: ``started`` gives ``(pid, slot)`` once it runs."""
+
+    request_id: int
+    started: asyncio.Future[tuple[int, int]]
+
+
 class Spawner:
     """The pilot's side: start with :meth:`start`, then :meth:`spawn` tasks. Used from one event
     loop."""
@@ -71,7 +85,7 @@ class Spawner:
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._ids = itertools.count(1)
-        self._starting: dict[int, tuple[asyncio.Future[int], ExitCallback]] = {}
+        self._waiting: dict[int, tuple[asyncio.Future[tuple[int, int]], ExitCallback]] = {}
         self._on_exit: dict[int, ExitCallback] = {}
         self._lost: SpawnerLost | None = None
         # The environment the helper holds (each spawn sends only what differs).
@@ -79,12 +93,22 @@ class Spawner:
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     @classmethod
-    def start(cls) -> Spawner:
-        """Start the helper process (from the event loop that will use it)."""
+    def start(cls, slots: int) -> Spawner:
+        """Start the helper process (from the event loop that will use it); it runs at most
+        ``slots`` tasks at once."""
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno())],
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    os.path.abspath(__file__),
+                    str(theirs.fileno()),
+                    str(slots),
+                ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -106,43 +130,48 @@ class Spawner:
         stderr_fd: int,
         on_exit: ExitCallback,
         executable: str | None = None,
-    ) -> asyncio.Future[int]:
-        """Ask for a task to be started; the future gives its pid (the leader of its own session
-        and process group), or the OSError ``Popen`` raised, or SpawnerLost. ``on_exit`` is called
-        once, from the event loop, with its :class:`Exit` (or SpawnerLost). ``stdout_fd`` and
-        ``stderr_fd`` are handed over and closed here. Cancelling the future kills the task as
-        soon as it has started."""
-        started: asyncio.Future[int] = self._loop.create_future()
+    ) -> Pending:
+        """Queue a task: the helper starts it as soon as one of its slots is free. ``started``
+        gives its pid (the leader of its own session and process group) and slot, or the OSError
+        the spawn raised, or SpawnerLost. ``on_exit`` is called once, from the event loop, with its
+        :class:`Exit` (or SpawnerLost). ``stdout_fd`` and ``stderr_fd`` are handed over and closed
+        here. Withdraw a task that is no longer wanted with :meth:`withdraw`."""
+        started: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+        request_id = next(self._ids)
+        pending = Pending(request_id, started)
         try:
             if self._lost is not None:
                 started.set_exception(self._lost)
-                return started
-            request_id = next(self._ids)
+                return pending
             sent = self._sent_env
             changed = {k: v for k, v in env.items() if sent.get(k) != v}
-            removed = (
-                [k for k in sent if k not in env] if len(sent) + len(changed) > len(env) else []
-            )
+            removed = [k for k in sent if k not in env]
             message = pickle.dumps(("spawn", request_id, argv, changed, removed, cwd, executable))
             try:
                 socket.send_fds(self._sock, [message], [stdout_fd, stderr_fd])
             except OSError as exc:
                 started.set_exception(self._lose(f"cannot reach it: {exc}"))
-                return started
-            self._starting[request_id] = (started, on_exit)
+                return pending
+            self._waiting[request_id] = (started, on_exit)
             sent.update(changed)
             for k in removed:
                 del sent[k]
-            return started
+            return pending
         finally:
             os.close(stdout_fd)
             os.close(stderr_fd)
 
+    def withdraw(self, pending: Pending) -> None:
+        """The task is no longer wanted: dropped if it has not started yet, else killed as soon as
+        its start is reported."""
+        if not pending.started.done():
+            pending.started.cancel()
+        if pending.request_id in self._waiting:
+            self._send(("withdraw", pending.request_id))
+
     def signal(self, pid: int, signum: int) -> None:
         """Signal the task's process group, if it has not been reaped yet."""
-        if self._lost is None:
-            with contextlib.suppress(OSError):
-                self._sock.send(pickle.dumps(("signal", pid, signum)))
+        self._send(("signal", pid, signum))
 
     async def close(self) -> float:
         """End the helper: it kills what still runs, reaps it and exits. Returns the CPU seconds
@@ -162,6 +191,11 @@ class Spawner:
         return await asyncio.to_thread(reap)
 
     # -- replies -------------------------------------------------------------------------------
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self._lost is None:
+            with contextlib.suppress(OSError):
+                self._sock.send(pickle.dumps(message))
 
     def _on_readable(self) -> None:
         while True:
@@ -189,26 +223,28 @@ class Spawner:
             if on_exit is not None:
                 on_exit(Exit(status, user, system, max_rss))
         elif kind == "started":
-            _, request_id, pid = reply
-            started, on_exit = self._starting.pop(request_id)
+            _, request_id, pid, slot = reply
+            started, on_exit = self._waiting.pop(request_id)
             if started.cancelled():
-                self.signal(pid, signal.SIGKILL)  # nobody waits for it
+                self.signal(pid, signal.SIGKILL)  # withdrawn too late: nobody waits for it
             else:
                 self._on_exit[pid] = on_exit
-                started.set_result(pid)
+                started.set_result((pid, slot))
         elif kind == "failed":
             _, request_id, errno_, text = reply
-            started, _ = self._starting.pop(request_id)
+            started, _ = self._waiting.pop(request_id)
             if not started.done():
                 started.set_exception(OSError(errno_, text))
+        elif kind == "withdrawn":
+            self._waiting.pop(reply[1], None)
 
     def _lose(self, reason: str) -> SpawnerLost:
         if self._lost is None:
             self._lost = SpawnerLost(f"the pilot's spawner process is gone ({reason})")
-            for started, _ in self._starting.values():
+            for started, _ in self._waiting.values():
                 if not started.done():
                     started.set_exception(self._lost)
-            self._starting.clear()
+            self._waiting.clear()
             callbacks, self._on_exit = list(self._on_exit.values()), {}
             for on_exit in callbacks:
                 on_exit(self._lost)
@@ -218,9 +254,20 @@ class Spawner:
 # --- the helper process -------------------------------------------------------------------------
 
 
-def _serve(sock: socket.socket) -> None:
+@dataclass
+class _Queued:
+    request_id: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    executable: str | None
+    fds: list[int]
+
+
+def _serve(sock: socket.socket, slots: int) -> None:
     """The helper's loop: requests from the socket; exits signalled by SIGCHLD (through a wake-up
-    pipe), then reaped with ``wait4`` -- no descriptor per child."""
+    pipe), then reaped with ``wait4`` -- no descriptor per child. Queued tasks start as slots
+    free, right after the reaping, without a round trip to the pilot."""
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ, "request")
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -228,27 +275,46 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
     selector.register(wake_read, selectors.EVENT_READ, "child")
     devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    running: set[int] = set()
+    running: dict[int, int] = {}  # pid -> slot
+    free = list(range(slots - 1, -1, -1))
+    queue: collections.deque[_Queued] = collections.deque()
+    env: dict[str, str] = {}  # the environment as of the last request
 
     def reply(*message: Any) -> None:
-        sock.send(pickle.dumps(message))
+        with contextlib.suppress(OSError):
+            sock.send(pickle.dumps(message))
 
-    def reaped(pid: int, status: int, usage: Any) -> None:
-        running.discard(pid)
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)  # what the task left behind in its group
-        with contextlib.suppress(OSError):
-            reply("exited", pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
+    def start_queued() -> None:
+        while free and queue:
+            task = queue.popleft()
+            try:
+                pid = _spawn(task, devnull)
+            except OSError as exc:
+                reply("failed", task.request_id, exc.errno, exc.strerror or str(exc))
+                continue
+            finally:
+                for fd in task.fds:
+                    os.close(fd)
+            slot = free.pop()
+            running[pid] = slot
+            reply("started", task.request_id, pid, slot)
 
     def reap_exited() -> None:
+        exits = []
         while running:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            reaped(pid, status, usage)
+                break
+            free.append(running.pop(pid))
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)  # what the task left behind in its group
+            exits.append(("exited", pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss))
+        start_queued()  # first: the next task waits for nothing but this
+        for message in exits:
+            reply(*message)
 
     while True:
         for key, _events in selector.select():
@@ -259,7 +325,7 @@ def _serve(sock: socket.socket) -> None:
                 reap_exited()
                 continue
             try:
-                # Close-on-exec: only the descriptors given below reach the task.
+                # Close-on-exec: only the descriptors given to posix_spawn reach the task.
                 data, fds, _flags, _address = socket.recv_fds(
                     sock, MAX_MESSAGE, 2, socket.MSG_CMSG_CLOEXEC
                 )
@@ -268,63 +334,70 @@ def _serve(sock: socket.socket) -> None:
             if not data:
                 for fd in fds:
                     os.close(fd)
-                for pid in list(running):
+                for task in queue:
+                    for fd in task.fds:
+                        os.close(fd)
+                for pid in running:
                     with contextlib.suppress(OSError):
                         os.killpg(pid, signal.SIGKILL)
                 for pid in list(running):
-                    _, status, usage = os.wait4(pid, 0)
-                    reaped(pid, status, usage)
+                    os.wait4(pid, 0)
                 return
             request = pickle.loads(data)
-            if request[0] == "signal":
+            kind = request[0]
+            if kind == "signal":
                 _, pid, signum = request
                 if pid in running:
                     with contextlib.suppress(OSError):
                         os.killpg(pid, signum)
-                continue
-            _, request_id, argv, changed, removed, cwd, executable = request
-            # The task's environment is this process's own (set once, then only what changes):
-            # posix_spawn then takes it as it is.
-            for name in removed:
-                del os.environ[name]
-            os.environ.update(changed)
-            try:
-                # The child starts in the task's directory: this process's own, as it has no use
-                # for one. posix_spawn (vfork and exec in C, no Python in between) in a new
-                # session, with the signals Python ignores back to their defaults.
-                os.chdir(cwd)
-                actions = [
-                    (os.POSIX_SPAWN_DUP2, devnull, 0),
-                    (os.POSIX_SPAWN_DUP2, fds[0], 1),
-                    (os.POSIX_SPAWN_DUP2, fds[1], 2),
-                ]
-                options: dict[str, Any] = {
-                    "file_actions": actions,
-                    "setsid": True,
-                    "setsigdef": (signal.SIGPIPE, signal.SIGXFSZ),
-                }
-                if executable:
-                    pid = os.posix_spawn(executable, argv, os.environ, **options)
-                else:
-                    pid = os.posix_spawnp(argv[0], argv, os.environ, **options)
-            except OSError as exc:
-                reply("failed", request_id, exc.errno, exc.strerror or str(exc))
-                continue
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            running.add(pid)
-            reply("started", request_id, pid)
+            elif kind == "withdraw":
+                for task in queue:
+                    if task.request_id == request[1]:
+                        queue.remove(task)
+                        for fd in task.fds:
+                            os.close(fd)
+                        reply("withdrawn", task.request_id)
+                        break
+            else:
+                _, request_id, argv, changed, removed, cwd, executable = request
+                for name in removed:
+                    env.pop(name, None)
+                env.update(changed)
+                queue.append(_Queued(request_id, argv, dict(env), cwd, executable, fds))
+                start_queued()
+
+
+def _spawn(task: _Queued, devnull: int) -> int:
+    """Start one task: posix_spawn (vfork and exec in C, no Python in between) in a new session,
+    in the task's directory (this process's own: it has no use for one), with the signals Python
+    ignores back to their defaults."""
+    os.chdir(task.cwd)
+    executable = task.executable or shutil.which(
+        task.argv[0], path=task.env.get("PATH", os.defpath)
+    )
+    if executable is None:
+        raise FileNotFoundError(errno.ENOENT, f"{task.argv[0]!r} not found in PATH")
+    return os.posix_spawn(
+        executable,
+        task.argv,
+        task.env,
+        file_actions=[
+            (os.POSIX_SPAWN_DUP2, devnull, 0),
+            (os.POSIX_SPAWN_DUP2, task.fds[0], 1),
+            (os.POSIX_SPAWN_DUP2, task.fds[1], 2),
+        ],
+        setsid=True,
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
 
 
 def main() -> None:
-    """``python -I -S spawner.py FD``: serve the pilot on socket FD until it goes away."""
+    """``python -I -S spawner.py FD SLOTS``: serve the pilot on socket FD until it goes away."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda _signum, _frame: None)
-    os.environ.clear()  # tasks get exactly what the pilot sends (never its own settings)
     sock = socket.socket(fileno=int(sys.argv[1]))
     sock.set_inheritable(False)
-    _serve(sock)
+    _serve(sock, int(sys.argv[2]))
 
 
 if __name__ == "__main__":

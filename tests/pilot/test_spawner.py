@@ -41,7 +41,7 @@ async def eventually_gone(pid: int) -> None:
 
 @pytest.fixture
 async def spawner() -> AsyncIterator[Spawner]:
-    opened = Spawner.start()
+    opened = Spawner.start(4)
     try:
         yield opened
     finally:
@@ -53,7 +53,8 @@ async def start(
 ) -> tuple[int, asyncio.Future[Exit | SpawnerLost], Path]:
     out, err, path = outputs(tmp_path, name)
     ended: asyncio.Future[Exit | SpawnerLost] = asyncio.get_running_loop().create_future()
-    pid = await spawner.spawn(argv, env, str(tmp_path), out, err, ended.set_result)
+    pending = spawner.spawn(argv, env, str(tmp_path), out, err, ended.set_result)
+    pid, _slot = await pending.started
     return pid, ended, path
 
 
@@ -101,7 +102,7 @@ async def test_a_command_that_cannot_start_fails_its_spawn(
             err,
             lambda _r: None,
             executable="/nonexistent/command",
-        )
+        ).started
     assert not isinstance(raised.value, SpawnerLost)
     # The helper keeps serving.
     _, ended, _ = await start(spawner, tmp_path, ["true"], {"PATH": os.environ["PATH"]})
@@ -135,7 +136,7 @@ async def test_signals_reach_the_whole_group_and_leftovers_are_killed_at_exit(
 
 
 async def test_closing_the_pilot_side_kills_running_tasks(tmp_path: Path) -> None:
-    spawner = Spawner.start()
+    spawner = Spawner.start(1)
     pid, ended, _ = await start(spawner, tmp_path, ["sleep", "60"], {"PATH": os.environ["PATH"]})
     await spawner.close()
     await eventually_gone(pid)
@@ -143,7 +144,7 @@ async def test_closing_the_pilot_side_kills_running_tasks(tmp_path: Path) -> Non
 
 
 async def test_a_dead_helper_fails_waiters_and_later_spawns(tmp_path: Path) -> None:
-    spawner = Spawner.start()
+    spawner = Spawner.start(1)
     try:
         pid, ended, _ = await start(
             spawner, tmp_path, ["sleep", "60"], {"PATH": os.environ["PATH"]}
@@ -152,15 +153,13 @@ async def test_a_dead_helper_fails_waiters_and_later_spawns(tmp_path: Path) -> N
         assert isinstance(await asyncio.wait_for(ended, WAIT), SpawnerLost)
         out, err, _ = outputs(tmp_path, "after")
         with pytest.raises(SpawnerLost):
-            await spawner.spawn(["true"], {}, str(tmp_path), out, err, lambda _r: None)
+            await spawner.spawn(["true"], {}, str(tmp_path), out, err, lambda _r: None).started
     finally:
         await spawner.close()
         os.kill(pid, signal.SIGKILL)
 
 
-async def test_a_spawn_given_up_before_it_started_is_killed(
-    spawner: Spawner, tmp_path: Path
-) -> None:
+async def test_a_spawn_withdrawn_as_it_starts_is_killed(spawner: Spawner, tmp_path: Path) -> None:
     out, err, path = outputs(tmp_path, "abandoned")
     pending = spawner.spawn(
         ["sh", "-c", "echo $$; sleep 60"],
@@ -170,9 +169,42 @@ async def test_a_spawn_given_up_before_it_started_is_killed(
         err,
         lambda _r: None,
     )
-    pending.cancel()
+    spawner.withdraw(pending)  # it starts at once (a slot is free): too late to drop
     deadline = time.monotonic() + WAIT
     while not path.read_text():
         assert time.monotonic() < deadline, "the abandoned task never started"
         await asyncio.sleep(0.02)
     await eventually_gone(int(path.read_text()))
+
+
+async def test_tasks_beyond_the_slots_wait_and_start_as_slots_free(tmp_path: Path) -> None:
+    spawner = Spawner.start(2)
+    try:
+        env = {"PATH": os.environ["PATH"]}
+        script = "date +%s.%N; sleep 0.3; date +%s.%N"
+        ended = []
+        pendings = []
+        for i in range(5):
+            out, err, _ = outputs(tmp_path, f"q{i}")
+            done: asyncio.Future[Exit | SpawnerLost] = asyncio.get_running_loop().create_future()
+            ended.append(done)
+            pendings.append(
+                spawner.spawn(["sh", "-c", script], env, str(tmp_path), out, err, done.set_result)
+            )
+        # The last one is withdrawn while it waits: it never runs.
+        spawner.withdraw(pendings[4])
+        starts = [await asyncio.wait_for(p.started, WAIT) for p in pendings[:4]]
+        assert sorted(slot for _, slot in starts[:2]) == [0, 1]
+        for done in ended[:4]:
+            assert isinstance(await asyncio.wait_for(done, WAIT), Exit)
+        assert pendings[4].started.cancelled()
+        assert (tmp_path / "q4.out").read_text() == ""
+        spans = []
+        for i in range(4):
+            begin, end = map(float, (tmp_path / f"q{i}.out").read_text().split())
+            spans.append((begin, end))
+        # Never more than two at once.
+        for begin, _ in spans:
+            assert sum(1 for b, e in spans if b <= begin < e) <= 2
+    finally:
+        await spawner.close()
