@@ -288,9 +288,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
     outgoing = _queue_side(r, "OUTGOING", wms_address, token, required=False)
 
     concurrency = r.integer("EWMS_PILOT_MAX_CONCURRENT_TASKS", 1, 1)
-    # A task's outputs are published while the next task runs, and the event after that should
-    # already be here: two deliveries per slot hide the broker's round trips.
-    prefetch = r.integer("EWMS_PILOT_PREFETCH", 2 * concurrency + 1, 1)
+    # Per slot: one event running, one staged and queued in the spawner to start the moment the
+    # slot frees, and one whose outputs are being published and confirmed before its ack; plus one
+    # on its way. Fewer leaves slots idle while acks make room for new deliveries (measured with
+    # bench/pilot.py); more only hoards events other pilots could run.
+    prefetch = r.integer("EWMS_PILOT_PREFETCH", 3 * concurrency + 1, 1)
     if prefetch < concurrency:
         r.problem(
             f"EWMS_PILOT_PREFETCH={prefetch}: must be >= EWMS_PILOT_MAX_CONCURRENT_TASKS "

@@ -78,11 +78,6 @@ class Running:
                 waiter.set_result(ended)
         self._waiters.clear()
 
-    @property
-    def done(self) -> bool:
-        """The child has been reaped."""
-        return self._ended is not None
-
     def signal_group(self, sig: int) -> None:
         """Signal the child's process group (it leads its own session)."""
         self._signal_group(sig)

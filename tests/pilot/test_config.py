@@ -36,7 +36,7 @@ def test_defaults_suit_real_use(tmp_path: Path) -> None:
         DEFAULT_IDLE_TIMEOUT,
     )
     assert s.idle_timeout >= 30
-    assert s.max_concurrent_tasks == 1 and s.prefetch == 3
+    assert s.max_concurrent_tasks == 1 and s.prefetch == 4
     assert s.stop_listening_on_task_error is True
     assert s.outgoing.queues == ("Q-1-bbbbbbbb", "Q-1-cccccccc")
     assert s.incoming.broker_type == "embedded" and s.incoming.address == "127.0.0.1:50051"
