@@ -292,6 +292,9 @@ def _serve(sock: socket.socket, slots: int) -> None:
             except OSError as exc:
                 reply("failed", task.request_id, exc.errno, exc.strerror or str(exc))
                 continue
+            except ValueError as exc:  # e.g. a NUL byte in an argument or variable
+                reply("failed", task.request_id, errno.EINVAL, str(exc))
+                continue
             finally:
                 for fd in task.fds:
                     os.close(fd)

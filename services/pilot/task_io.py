@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -58,6 +59,17 @@ JSON_TYPE = "application/json"
 # Infiles larger than this are written in a worker thread instead of on the event loop.
 INLINE_WRITE_BYTES = 256 * 1024
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def file_name_part(event_id: str) -> str:
+    """The event id as it may appear in a file name: ids are the broker's message ids, which any
+    publisher sets, so anything but letters, digits, ``.``, ``_`` and ``-`` becomes ``_`` (no
+    ``/``, no leading dot), at most 100 characters."""
+    name = _UNSAFE.sub("_", event_id)[:100].lstrip(".")
+    return name or "event"
 
 
 def data_hub(data_dir: Path) -> Path:
@@ -194,7 +206,7 @@ class _Dir:
 
     def paths(self, event: queue_pb2.Event, infile_ext: str, outfile_ext: str) -> TaskPaths:
         """The paths of one run of the task on ``event`` here."""
-        name = event.event_id or "event"
+        name = file_name_part(event.event_id)
         infile_name = f"infile-{name}{infile_ext}"
         outfile_name = f"outfile-{name}{outfile_ext}"
         return TaskPaths(
@@ -312,7 +324,8 @@ class TaskDirs:
         """Take the directory out of the pool and keep it as ``<event id>-<attempt>-<hex>``;
         returns the paths under that name (the old ones if it could not be renamed)."""
         self._taken.pop(paths.root, None)
-        root = self.data_dir / f"{event.event_id or 'event'}-{event.attempt}-{secrets.token_hex(3)}"
+        name = file_name_part(event.event_id)
+        root = self.data_dir / f"{name}-{event.attempt}-{secrets.token_hex(3)}"
         try:
             os.rename(paths.root, root)
         except OSError as exc:

@@ -208,3 +208,17 @@ async def test_tasks_beyond_the_slots_wait_and_start_as_slots_free(tmp_path: Pat
             assert sum(1 for b, e in spans if b <= begin < e) <= 2
     finally:
         await spawner.close()
+
+
+async def test_an_argument_the_system_cannot_take_fails_only_that_spawn(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    out, err, _ = outputs(tmp_path, "nul")
+    pending = spawner.spawn(
+        ["echo", "a\x00b"], {"PATH": os.environ["PATH"]}, str(tmp_path), out, err, lambda _r: None
+    )
+    with pytest.raises(OSError) as raised:
+        await pending.started
+    assert not isinstance(raised.value, SpawnerLost)
+    _, ended, _ = await start(spawner, tmp_path, ["true"], {"PATH": os.environ["PATH"]})
+    assert isinstance(await asyncio.wait_for(ended, WAIT), Exit)

@@ -169,3 +169,19 @@ def test_outputs_that_are_links_or_not_regular_files_are_refused(tmp_path: Path)
         ("a/b/deep.json", b'{"n": 1}', "application/json"),
     ]
     assert size == 4 + 3 + 8
+
+
+def test_an_event_id_cannot_place_files_outside_the_task_directory(tmp_path: Path) -> None:
+    data = tmp_path / "ewms-pilot-data"
+    dirs = TaskDirs(data, ".in", ".out", maps_paths=False)
+    hostile = event("../../escape/..\x00x", b"payload")
+    staged = dirs.take(hostile)
+    staged.write_infile()
+    staged.close()
+    paths = staged.paths
+    assert paths.infile.parent == paths.task_io and paths.outfile.parent == paths.task_io
+    assert paths.infile.name == "infile-_.._escape_.._x.in"
+    assert paths.infile.read_bytes() == b"payload"
+    kept = dirs.keep(paths, hostile)
+    assert kept.root.parent == data and kept.root.name.startswith("_.._escape_.._x-1-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ewms-pilot-data"]
