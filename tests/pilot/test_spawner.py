@@ -159,22 +159,37 @@ async def test_a_dead_helper_fails_waiters_and_later_spawns(tmp_path: Path) -> N
         os.kill(pid, signal.SIGKILL)
 
 
-async def test_a_spawn_withdrawn_as_it_starts_is_killed(spawner: Spawner, tmp_path: Path) -> None:
-    out, err, path = outputs(tmp_path, "abandoned")
+def running_with(marker: str) -> list[int]:
+    """Live processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes() and alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+async def test_a_spawn_withdrawn_as_it_starts_does_not_keep_running(
+    spawner: Spawner, tmp_path: Path
+) -> None:
+    marker = f"withdrawn-{os.getpid()}-{time.monotonic_ns()}"
+    out, err, _ = outputs(tmp_path, "abandoned")
+    env = {"PATH": os.environ["PATH"]}
     pending = spawner.spawn(
-        ["sh", "-c", "echo $$; sleep 60"],
-        {"PATH": os.environ["PATH"]},
-        str(tmp_path),
-        out,
-        err,
-        lambda _r: None,
+        ["sh", "-c", "sleep 60; exit 0", marker], env, str(tmp_path), out, err, lambda _r: None
     )
     spawner.withdraw(pending)  # it starts at once (a slot is free): too late to drop
+    # A later task's exit is reported after the withdrawn one's start, so its kill is sent.
+    _, ended, _ = await start(spawner, tmp_path, ["true"], env, "after")
+    await asyncio.wait_for(ended, WAIT)
+    assert pending.started.cancelled()
     deadline = time.monotonic() + WAIT
-    while not path.read_text():
-        assert time.monotonic() < deadline, "the abandoned task never started"
+    while running_with(marker):
+        assert time.monotonic() < deadline, "the withdrawn task still runs"
         await asyncio.sleep(0.02)
-    await eventually_gone(int(path.read_text()))
 
 
 async def test_tasks_beyond_the_slots_wait_and_start_as_slots_free(tmp_path: Path) -> None:
