@@ -100,6 +100,10 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+DEFAULT_TMS_ACTION_RETRIES = 2
+DEFAULT_TMS_RETRY_DELAY = 10.0
+
+
 @dataclass(frozen=True)
 class WmsSettings:
     """Settings of the WMS process."""
@@ -121,6 +125,14 @@ class WmsSettings:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     # Seconds after a workflow ends before its queues, events and credentials are deleted.
     queue_retention_seconds: int = DEFAULT_QUEUE_RETENTION
+    # Workers a location may run at once (launched, not complete); absent: unlimited.
+    location_max_workers: Mapping[str, int] = field(default_factory=dict)
+    # Failed submits (or removes) tolerated per taskforce before the WMS gives up (the original's).
+    tms_action_retries: int = DEFAULT_TMS_ACTION_RETRIES
+    # Seconds before a failed TMS action is sent again.
+    tms_retry_delay: float = DEFAULT_TMS_RETRY_DELAY
+    # Where pilots reach the WMS ("host:port"); empty: this host and the bound port.
+    public_address: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WmsSettings:
@@ -146,7 +158,36 @@ class WmsSettings:
             grpc_port=_int(env, "EWMS_GRPC_PORT", DEFAULT_GRPC_PORT, 0, 65535),
             cluster_locations=ClusterLocations.parse(env.get("EWMS_CLUSTER_LOCATIONS", "local")),
             log_level=env.get("EWMS_LOG_LEVEL", "").strip() or "INFO",
+            location_max_workers=parse_location_max_workers(
+                env.get("EWMS_LOCATION_MAX_WORKERS", "")
+            ),
+            tms_action_retries=_int(env, "TMS_ACTION_RETRIES", DEFAULT_TMS_ACTION_RETRIES, 0, 1000),
+            tms_retry_delay=_int(
+                env, "EWMS_TMS_RETRY_DELAY", int(DEFAULT_TMS_RETRY_DELAY), 0, 3600
+            ),
+            public_address=env.get("EWMS_WMS_PUBLIC_ADDRESS", "").strip(),
         )
+
+
+def parse_location_max_workers(text: str) -> dict[str, int]:
+    """``EWMS_LOCATION_MAX_WORKERS``: ``N`` (every location) or ``name=N,name2=M``; the key ``*``
+    is every location not named."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.rpartition("=")
+        name = name.strip() if sep else "*"
+        try:
+            number = int(value)
+        except ValueError:
+            number = -1
+        if number < 1 or not name:
+            raise ConfigError(
+                f"EWMS_LOCATION_MAX_WORKERS: {part!r} must be N or location=N with N >= 1"
+            )
+        out[name] = number
+    return out
 
 
 @dataclass(frozen=True)

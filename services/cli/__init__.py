@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from services.cli import events, pilot, serve, tokens, workflows
+from services.cli import events, pilot, run, serve, tokens, workflows
 from services.cli.connection import Connection, resolve_token
 from services.config import ClientSettings, ConfigError
 from services.errors import field_violations
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_commands(sub, common)
     tokens.add_commands(sub, common)
     pilot.add_commands(sub, common)
+    run.add_commands(sub, common)
     return parser
 
 

@@ -158,6 +158,7 @@ class Pilot:
         self._drain = asyncio.Event()  # stop taking events, let in-flight ones finish
         self._stop = asyncio.Event()  # stop now: cancel in-flight tasks
         self._drain_reason = ""
+        self._drained_by_signal = False
         self._fatal: TaskError | None = None
         self._task_image = settings.task_image
         self._first_received: float | None = None
@@ -169,10 +170,13 @@ class Pilot:
 
     def drain(self, reason: str) -> None:
         """Take no new events; in-flight tasks get ``EWMS_PILOT_DRAIN_GRACE`` to finish.
-        A second request stops at once."""
-        if self._drain.is_set() and reason.startswith("SIG"):
+        A second signal stops at once; a signal after the WMS's drain (the TMS removing the
+        cluster of a finished workflow) does not: the tasks still get their grace."""
+        by_signal = reason.startswith("SIG")
+        if by_signal and self._drained_by_signal:
             self.stop(f"{reason} again")
             return
+        self._drained_by_signal = self._drained_by_signal or by_signal
         log.info("draining", reason=reason)
         self._drain_reason = self._drain_reason or reason
         self._drain.set()

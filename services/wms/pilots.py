@@ -34,6 +34,7 @@ from ewms.v1 import (
 from services.auth import Role, current_principal
 from services.errors import ApiError, InvalidArgument, NotFound, PermissionDenied, grpc_errors
 from services.wms.store import TASKFORCES, WORKFLOWS, Store, Tx
+from services.wms.streams import Outbox
 from services.wms.validation import Violations
 
 log = structlog.get_logger(__name__)
@@ -201,32 +202,13 @@ def rollup(pilots: Iterable[PilotState]) -> tuple[Counters, dict[str, int]]:
 # --- one open stream ---
 
 
-class PilotSession:
+class PilotSession(Outbox[Response]):
     """One pilot's open stream: what to send down it, and how it ends."""
 
     def __init__(self, taskforce_uuid: str, worker_id: str) -> None:
+        super().__init__()
         self.taskforce_uuid = taskforce_uuid
         self.worker_id = worker_id
-        self.ended = False
-        self._outbox: asyncio.Queue[Response | Exception | None] = asyncio.Queue()
-
-    def send(self, msg: Response) -> None:
-        """Queue a message down the stream (dropped once the session ended)."""
-        if not self.ended:
-            self._outbox.put_nowait(msg)
-
-    def end(self, error: Exception | None = None) -> None:
-        """End the stream after what is queued: cleanly, or with ``error``'s status."""
-        if not self.ended:
-            self.ended = True
-            self._outbox.put_nowait(error)
-
-    async def next(self) -> Response | None:
-        """The next message to send; None when the stream should end cleanly."""
-        item = await self._outbox.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
 
 
 @dataclass
@@ -399,6 +381,16 @@ class PilotRegistry:
         does not exist."""
         tf = await self._taskforce(taskforce_uuid)
         return sorted(tf.pilots.values(), key=lambda p: (p.first_seen, p.worker_id))
+
+    async def load(self, taskforce_uuid: str) -> None:
+        """Load the taskforce's stored pilots into memory, if not yet (NOT_FOUND if it does not
+        exist)."""
+        await self._taskforce(taskforce_uuid)
+
+    def loaded_pilots(self, taskforce_uuid: str) -> dict[str, PilotState] | None:
+        """The taskforce's pilots by worker id, if loaded (do not modify)."""
+        tf = self._taskforces.get(taskforce_uuid)
+        return tf.pilots if tf is not None else None
 
     def recent_task_events(self, taskforce_uuid: str) -> list[TaskEventRecord]:
         """The taskforce's last RECENT_TASK_EVENTS task lifecycle events since this WMS started,

@@ -128,28 +128,40 @@ class QueueManager:
             if due > now:
                 next_due = due if next_due is None else min(next_due, due)
                 continue
-            by_backend: dict[int, list[queue_pb2.Queue]] = {}
-            for q in queues:
-                by_backend.setdefault(q.backend, []).append(q)
-            for group in by_backend.values():
-                await self.broker(group[0]).delete(wf.workflow_id, group)
-            stamp = timestamp_pb2.Timestamp()
-            stamp.GetCurrentTime()
-
-            def mark(
-                tx: Tx,
-                queues: list[queue_pb2.Queue] = queues,
-                stamp: timestamp_pb2.Timestamp = stamp,
-            ) -> None:
-                for q in queues:
-                    q.deleted_ts.CopyFrom(stamp)
-                    q.ClearField("credentials")
-                    tx.update(QUEUES, q)
-
-            await self._store.run(mark)
+            await self._delete(wf.workflow_id, queues)
             log.info(
                 "deleted queues after retention",
                 workflow_id=wf.workflow_id,
                 queues=[q.queue_id for q in queues],
             )
         return next_due
+
+    async def delete_now(self, workflow_id: str) -> None:
+        """Delete a workflow's queues, events and broker credentials now, without waiting for
+        the retention period (``ewms run`` on a throw-away data directory)."""
+
+        def live(tx: Tx) -> list[queue_pb2.Queue]:
+            return [
+                q
+                for _, q in tx.select(QUEUES, [("workflow_id = ?", workflow_id)])
+                if not q.HasField("deleted_ts")
+            ]
+
+        await self._delete(workflow_id, await self._store.run(live, write=False))
+
+    async def _delete(self, workflow_id: str, queues: list[queue_pb2.Queue]) -> None:
+        by_backend: dict[int, list[queue_pb2.Queue]] = {}
+        for q in queues:
+            by_backend.setdefault(q.backend, []).append(q)
+        for group in by_backend.values():
+            await self.broker(group[0]).delete(workflow_id, group)
+        stamp = timestamp_pb2.Timestamp()
+        stamp.GetCurrentTime()
+
+        def mark(tx: Tx) -> None:
+            for q in queues:
+                q.deleted_ts.CopyFrom(stamp)
+                q.ClearField("credentials")
+                tx.update(QUEUES, q)
+
+        await self._store.run(mark)

@@ -356,7 +356,10 @@ class RabbitBroker:
           dead-letter queue (ready messages).
         - ``in_flight``, ``published``, ``acked``: from the management API, which RabbitMQ refreshes
           about every 5 s (so they lag), and which count since the queue was created or its
-          leader last restarted. ``in_flight`` = the queue's ``messages_unacknowledged``;
+          leader last restarted. ``published`` and ``acked`` are summed from channels' counters,
+          and a closing channel drops what it counted since the last refresh (measured on
+          3.10.8: a consumer that acked 344 events within a second and closed left them out for
+          good), so they can stay short. ``in_flight`` = the queue's ``messages_unacknowledged``;
           ``published`` = its ``message_stats.publish`` (re-driven events included).
         - ``acked`` = events finished successfully = the queue's ``message_stats.ack`` minus the
           dead-letter queue's ``message_stats.publish``, clamped at 0. Measured on RabbitMQ 3.10.8:

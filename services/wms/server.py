@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from ewms.v1 import (
     pilot_service_pb2,
     pilot_service_pb2_grpc,
     queue_pb2,
+    task_manager_service_pb2,
+    task_manager_service_pb2_grpc,
     workflow_service_pb2,
     workflow_service_pb2_grpc,
 )
@@ -31,6 +34,8 @@ from services.wms.events import EventService
 from services.wms.pilots import PilotRegistry, PilotService
 from services.wms.queues import BACKENDS, QueueManager, public_amqp_address
 from services.wms.store import Store
+from services.wms.tms import Dispatcher, DispatchSettings, TaskManagerService
+from services.wms.watch import WatchHub
 from services.wms.workflows import WorkflowService
 
 log = structlog.get_logger(__name__)
@@ -39,6 +44,7 @@ SERVING_SERVICES = [
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     pilot_service_pb2.DESCRIPTOR.services_by_name["PilotService"].full_name,
+    task_manager_service_pb2.DESCRIPTOR.services_by_name["TaskManagerService"].full_name,
 ]
 # gRPC messages may carry one event of the largest allowed size plus this much else.
 MESSAGE_OVERHEAD = 1024 * 1024
@@ -62,6 +68,8 @@ class RunningWms:
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     queues: QueueManager
     pilots: PilotRegistry
+    dispatcher: Dispatcher
+    hub: WatchHub
 
     @property
     def address(self) -> str:
@@ -72,6 +80,7 @@ class RunningWms:
         """End the pilots' streams and commit their pending state, stop serving (in-flight RPCs
         get ``grace`` seconds), then close the store."""
         await self.health.enter_graceful_shutdown()
+        await self.dispatcher.close()
         # Pilot streams never finish by themselves: end them rather than wait out the grace.
         await self.pilots.close()
         await self.server.stop(grace)
@@ -87,6 +96,7 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     store = await Store.open(settings.data_dir)
     queues: QueueManager | None = None
     pilots: PilotRegistry | None = None
+    dispatcher: Dispatcher | None = None
     try:
         pilots = await PilotRegistry.open(store)
         brokers: dict[queue_pb2.QueueBackend.ValueType, Broker] = {
@@ -106,9 +116,27 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
             ("grpc.max_send_message_length", limit),
         ]
         server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=options)
-        workflows = WorkflowService(store, settings.cluster_locations, queues, pilots)
+        dispatcher = Dispatcher(
+            store,
+            authority,
+            settings.cluster_locations,
+            pilots,
+            DispatchSettings(
+                location_max_workers=settings.location_max_workers,
+                tms_action_retries=settings.tms_action_retries,
+                tms_retry_delay=settings.tms_retry_delay,
+            ),
+        )
+        hub = WatchHub(store, queues, dispatcher.live)
+        dispatcher.listen(hub.taskforces_changed)
+        workflows = WorkflowService(
+            store, settings.cluster_locations, queues, pilots, dispatcher=dispatcher, hub=hub
+        )
         workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(workflows, server)
         pilot_service_pb2_grpc.add_PilotServiceServicer_to_server(PilotService(pilots), server)
+        task_manager_service_pb2_grpc.add_TaskManagerServiceServicer_to_server(
+            TaskManagerService(dispatcher, settings.cluster_locations), server
+        )
         event_service_pb2_grpc.add_EventServiceServicer_to_server(
             EventService(store, queues, settings.max_event_bytes), server
         )
@@ -130,9 +158,15 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
             if settings.queue_backend == "rabbitmq"
             else f"{settings.grpc_host}:{port}"
         )
+        dispatcher.public_address = settings.public_address or public_address(
+            settings.grpc_host, port
+        )
         await server.start()
         queues.start()
+        dispatcher.start()
     except BaseException:
+        if dispatcher is not None:
+            await dispatcher.close()
         if pilots is not None:
             await pilots.close()
         if queues is not None:
@@ -150,7 +184,16 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         cluster_locations=settings.cluster_locations.describe(),
         queue_backend=settings.queue_backend,
     )
-    return RunningWms(server, store, port, authority, health_servicer, queues, pilots)
+    return RunningWms(
+        server, store, port, authority, health_servicer, queues, pilots, dispatcher, hub
+    )
+
+
+def public_address(host: str, port: int) -> str:
+    """Where pilots reach a WMS bound to ``host``: this machine's name for a wildcard bind."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
 
 
 async def serve(settings: WmsSettings) -> None:

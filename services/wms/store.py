@@ -147,7 +147,10 @@ class Tx:
         """Objects matching every condition (SQL fragments written in code, values bound), in
         creation order, after ``after_seq``; each with its sequence number for page tokens."""
         where = ["seq > ?", *(c for c, _ in conditions)]
-        params: list[Any] = [after_seq, *(v for _, v in conditions)]
+        params: list[Any] = [after_seq]
+        for _, value in conditions:
+            # A list or tuple binds several placeholders (``phase IN (?, ?)``).
+            params.extend(value) if isinstance(value, list | tuple) else params.append(value)
         sql = f"SELECT seq, body FROM {table.name} WHERE {' AND '.join(where)} ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"

@@ -4,7 +4,6 @@ NOT_FOUND)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -29,6 +28,7 @@ from services.errors import (
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS
 from services.wms.pagination import page_of
+from services.wms.phases import log_phase, now_ts
 from services.wms.pilots import PilotRegistry, deactivation_command
 from services.wms.queues import QueueManager
 from services.wms.store import (
@@ -41,11 +41,13 @@ from services.wms.store import (
     Table,
     Tx,
 )
+from services.wms.tms import Dispatcher
 from services.wms.validation import (
     MAX_WORKFLOW_PRIORITY,
     require_fields,
     validate_create_workflow,
 )
+from services.wms.watch import WatchHub
 
 Phase = taskforce_pb2.TaskforcePhase
 Ctx = Any  # grpc.aio.ServicerContext; grpc ships no type information
@@ -64,34 +66,6 @@ ENDING = (
     Phase.TASKFORCE_PHASE_CANCELLED,
 )
 SOURCE_USER = "User"
-
-
-def now_ts() -> timestamp_pb2.Timestamp:
-    """The current time as a Timestamp."""
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(time.time_ns())
-    return ts
-
-
-def log_phase(
-    tf: taskforce_pb2.Taskforce,
-    target: taskforce_pb2.TaskforcePhase.ValueType,
-    *,
-    ok: bool,
-    source: str,
-    context: str,
-    when: timestamp_pb2.Timestamp,
-) -> None:
-    """Record a phase change attempt, and make it if it succeeded."""
-    tf.phase_change_log.add(
-        target_phase=target,
-        timestamp=when,
-        was_successful=ok,
-        source_entity=source,
-        context=context,
-    )
-    if ok:
-        tf.phase = target
 
 
 def _owner_filter(principal: Principal) -> str | None:
@@ -221,11 +195,16 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         locations: ClusterLocations,
         queues: QueueManager,
         pilots: PilotRegistry,
+        *,
+        dispatcher: Dispatcher | None = None,
+        hub: WatchHub | None = None,
     ) -> None:
         self._store = store
         self._locations = locations
         self._queues = queues
         self._pilots = pilots
+        self._dispatcher = dispatcher
+        self._hub = hub
         # Where clients reach embedded queues; set by the server once its port is bound.
         self.queue_address = ""
 
@@ -256,6 +235,8 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
                 tx.insert(TASKFORCES, tf, owner=owner)
 
         await self._store.run(insert)
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
         return resp
 
     @grpc_errors
@@ -324,6 +305,10 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
 
         resp, taskforce_uuids = await self._store.run(run)
         self._queues.workflow_ended()
+        if self._hub is not None:
+            self._hub.workflow_changed(workflow_id, all_taskforces=True)
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
         # Finished: pilots drain (finish what they hold); aborted: they stop now.
         command = deactivation_command(kind)
         if command is not None:
@@ -335,10 +320,12 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def WatchWorkflow(
         self, request: workflow_service_pb2.WatchWorkflowRequest, context: Ctx
     ) -> Any:
-        # Change events come from the TMS and pilot streams, built with them; until then the RPC
-        # says so instead of streaming a snapshot that never changes.
-        raise Unimplemented("WatchWorkflow arrives with the TMS and pilot status streams")
-        yield  # pragma: no cover - makes this an async generator, as the RPC is server-streaming
+        require_fields(workflow_id=request.workflow_id)
+        if self._hub is None:
+            raise Unimplemented("this WMS has no watch hub")
+        owner = _owner_filter(current_principal())
+        async for msg in self._hub.watch(request.workflow_id, owner):
+            yield msg
 
     @grpc_errors
     async def GetTaskDirective(
@@ -439,7 +426,12 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
             tx.insert(TASKFORCES, tf, owner=wf.owner)
             return tf
 
-        return await self._store.run(add)
+        tf = await self._store.run(add)
+        if self._hub is not None:
+            self._hub.taskforces_changed(tf.workflow_id, [tf.taskforce_uuid])
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
+        return tf
 
     @grpc_errors
     async def GetTaskforce(

@@ -274,6 +274,26 @@ async def test_sigterm_drains_and_loses_nothing(penv: PilotEnv) -> None:
     assert payloads(first + rest) == sorted(sent)
 
 
+async def test_a_signal_after_the_wms_asked_to_drain_still_drains(penv: PilotEnv) -> None:
+    # A finished workflow: the WMS drains its pilots, then the TMS removes the cluster (SIGTERM).
+    await penv.publish([b"only"])
+    task = "sh -c 'touch {{DATA_HUB}}/started; sleep 1; cp {{INFILE}} {{OUTFILE}}'"
+    env = penv.pilot_environment(task, EWMS_PILOT_DRAIN_GRACE="30")
+    hub = Path(env["EWMS_PILOT_DATA_DIR_PARENT_PATH_ON_HOST"]) / "ewms-pilot-data" / "data-hub"
+    pilot = await penv.start_pilot_env(env)
+
+    async def started() -> bool:
+        return (hub / "started").exists()
+
+    await wait_for(started, 30, "the task to start")
+    penv.q.wms.pilots.drain(penv.taskforce_uuid, "workflow finished")
+    await pilot.wait_log("the WMS asked")
+    pilot.signal(signal.SIGTERM)
+    assert await pilot.wait() == 0
+    assert "SIGTERM again" not in pilot.log()
+    assert payloads(await penv.outputs("out", 1)) == [b"only"]
+
+
 async def test_kill_9_mid_task_loses_nothing(penv: PilotEnv) -> None:
     sent = [f"k{i}".encode() for i in range(4)]
     await penv.publish(sent)

@@ -19,6 +19,7 @@ from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
 from services.auth import ADMIN_TOKEN_FILE, ISSUER, SECRET_FILE, Role, TokenAuthority
 from services.wms import RunningWms
 from tests.conftest import bearer
+from tests.wms.helpers import assert_all_moved_on, launched
 from tests.wms.requests import seed
 
 Stub = workflow_service_pb2_grpc.WorkflowServiceStub
@@ -35,7 +36,7 @@ async def call_fails(call: Any, request: Any, **kwargs: Any) -> grpc.aio.AioRpcE
 
 
 async def create(workflows: Stub, md: Metadata) -> workflow_service_pb2.CreateWorkflowResponse:
-    return await workflows.CreateWorkflow(seed(), metadata=md)
+    return await workflows.CreateWorkflow(seed(), metadata=md)  # type: ignore[no-any-return]
 
 
 # --- Authentication -------------------------------------------------------------------------------
@@ -193,6 +194,8 @@ async def test_other_users_failed_actions_change_nothing(
     workflows: Stub, alice: Metadata, bob: Metadata
 ) -> None:
     resp = await create(workflows, alice)
+    # Once launch control has released them, nothing but a TMS or the owner changes the taskforces.
+    before = await launched(workflows, alice, resp.workflow.workflow_id)
     for method, build in CALLS_ON_A_WORKFLOW.values():
         await call_fails(getattr(workflows, method), build(resp), metadata=bob)
 
@@ -204,7 +207,8 @@ async def test_other_users_failed_actions_change_nothing(
     taskforces = await workflows.ListTaskforces(
         workflow_service_pb2.ListTaskforcesRequest(), metadata=alice
     )
-    assert list(taskforces.taskforces) == list(resp.taskforces)
+    assert list(taskforces.taskforces) == before
+    assert_all_moved_on(before, list(resp.taskforces))
 
 
 async def test_other_users_objects_are_absent_from_lists(
@@ -219,7 +223,7 @@ async def test_other_users_objects_are_absent_from_lists(
 
     assert list(listed_wf.workflows) == [bobs.workflow]
     assert list(listed_td.task_directives) == list(bobs.task_directives)
-    assert list(listed_tf.taskforces) == list(bobs.taskforces)
+    assert_all_moved_on(list(listed_tf.taskforces), list(bobs.taskforces))
 
 
 async def test_filtering_by_another_workflow_id_lists_nothing(

@@ -17,6 +17,7 @@ from ewms.v1 import (
 from services.errors import field_violations
 from services.wms import RunningWms
 from services.wms.store import TASKFORCES, Tx
+from tests.wms.helpers import assert_all_moved_on, assert_moved_on, launched
 from tests.wms.requests import minimal_task, seed, worker_config, workflow_request
 
 Phase = taskforce_pb2.TaskforcePhase
@@ -28,13 +29,15 @@ SEED_SIZE_BYTES = 512 * 1024 * 1024  # "512M"
 async def create(
     workflows: Stub, md: Metadata, request: workflow_service_pb2.CreateWorkflowRequest | None = None
 ) -> workflow_service_pb2.CreateWorkflowResponse:
-    return await workflows.CreateWorkflow(
+    return await workflows.CreateWorkflow(  # type: ignore[no-any-return]
         request if request is not None else workflow_request(), metadata=md
     )
 
 
 async def set_phase(wms: RunningWms, taskforce_uuid: str, phase: Any) -> None:
-    """Move a taskforce to a phase behind the API, as its TMS would (the TMS does not exist yet)."""
+    """Move a taskforce to a phase behind the API, as its TMS would (no TMS is connected). Call it
+    once launch control has released the taskforce (``launched``), or launch control may still
+    move it."""
 
     def update(tx: Tx) -> None:
         tf = tx.get(TASKFORCES, taskforce_uuid)
@@ -255,7 +258,7 @@ async def test_get_taskforce_returns_the_created_taskforce(
         workflow_service_pb2.GetTaskforceRequest(taskforce_uuid=tf.taskforce_uuid), metadata=alice
     )
 
-    assert got == tf
+    assert_moved_on(got, tf)  # launch control may have released it meanwhile
 
 
 @pytest.mark.parametrize(
@@ -307,7 +310,7 @@ async def test_list_taskforces_filters_by_workflow(workflows: Stub, alice: Metad
         metadata=alice,
     )
 
-    assert list(listed.taskforces) == list(first.taskforces)
+    assert_all_moved_on(list(listed.taskforces), list(first.taskforces))
 
 
 async def test_list_taskforces_filters_by_task(workflows: Stub, alice: Metadata) -> None:
@@ -359,13 +362,14 @@ async def test_list_taskforces_filters_by_phase(workflows: Stub, alice: Metadata
         workflow_service_pb2.AbortWorkflowRequest(workflow_id=aborted.workflow.workflow_id),
         metadata=alice,
     )
+    await launched(workflows, alice, active.workflow.workflow_id)
 
     cancelled = await workflows.ListTaskforces(
         workflow_service_pb2.ListTaskforcesRequest(phase=Phase.TASKFORCE_PHASE_CANCELLED),
         metadata=alice,
     )
     waiting = await workflows.ListTaskforces(
-        workflow_service_pb2.ListTaskforcesRequest(phase=Phase.TASKFORCE_PHASE_PRE_MQ_ACTIVATION),
+        workflow_service_pb2.ListTaskforcesRequest(phase=Phase.TASKFORCE_PHASE_PENDING_STARTER),
         metadata=alice,
     )
 
@@ -395,7 +399,7 @@ async def test_list_queues_returns_the_workflows_queues(workflows: Stub, alice: 
 async def add_workers(
     workflows: Stub, md: Metadata, task_id: str, location: str = "local", n_workers: int = 5
 ) -> taskforce_pb2.Taskforce:
-    return await workflows.AddWorkers(
+    return await workflows.AddWorkers(  # type: ignore[no-any-return]
         workflow_service_pb2.AddWorkersRequest(
             task_id=task_id, cluster_location=location, n_workers=n_workers
         ),
@@ -408,18 +412,21 @@ async def test_add_workers_creates_a_taskforce_for_the_task(
 ) -> None:
     resp = await create(workflows, alice, seed())
     [td] = resp.task_directives
+    await launched(workflows, alice, resp.workflow.workflow_id)
 
     tf = await add_workers(workflows, alice, td.task_id, "local", n_workers=5)
 
     assert tf.taskforce_uuid not in {t.taskforce_uuid for t in resp.taskforces}
     assert (tf.task_id, tf.workflow_id) == (td.task_id, resp.workflow.workflow_id)
     assert (tf.cluster_location, tf.n_workers) == ("local", 5)
-    assert tf.phase == Phase.TASKFORCE_PHASE_PRE_MQ_ACTIVATION
-    assert [c.was_successful for c in tf.phase_change_log] == [True]
-    listed = await workflows.ListTaskforces(
-        workflow_service_pb2.ListTaskforcesRequest(task_id=td.task_id), metadata=alice
-    )
-    assert list(listed.taskforces) == [*resp.taskforces, tf]
+    # The workflow's queues are active (its first taskforce was released), so it skips activation.
+    assert tf.phase == Phase.TASKFORCE_PHASE_PRE_LAUNCH
+    assert [(c.target_phase, c.was_successful) for c in tf.phase_change_log] == [
+        (Phase.TASKFORCE_PHASE_PRE_MQ_ACTIVATION, True),
+        (Phase.TASKFORCE_PHASE_PRE_LAUNCH, True),
+    ]
+    listed = await launched(workflows, alice, resp.workflow.workflow_id)
+    assert_all_moved_on([t for t in listed if t.task_id == td.task_id], [*resp.taskforces, tf])
 
 
 async def test_added_taskforce_at_a_location_alias_gets_the_canonical_name(
@@ -468,10 +475,10 @@ async def test_added_taskforce_copies_the_tasks_pilot_and_worker_config(
 
 
 async def test_added_taskforce_skips_queue_activation_once_the_queues_are_active(
-    wms: RunningWms, workflows: Stub, alice: Metadata
+    workflows: Stub, alice: Metadata
 ) -> None:
     resp = await create(workflows, alice, seed())
-    await set_phase(wms, resp.taskforces[0].taskforce_uuid, Phase.TASKFORCE_PHASE_PRE_LAUNCH)
+    await launched(workflows, alice, resp.workflow.workflow_id)
 
     tf = await add_workers(workflows, alice, resp.task_directives[0].task_id)
 
@@ -625,7 +632,7 @@ async def test_finish_sends_a_submitted_taskforce_to_pending_stopper(
     wms: RunningWms, workflows: Stub, alice: Metadata
 ) -> None:
     resp = await create(workflows, alice, seed())
-    [tf] = resp.taskforces
+    [tf] = await launched(workflows, alice, resp.workflow.workflow_id)
     await set_phase(wms, tf.taskforce_uuid, Phase.TASKFORCE_PHASE_CONDOR_SUBMIT)
 
     done = await finish(workflows, alice, resp.workflow.workflow_id)
@@ -651,7 +658,7 @@ async def test_finish_leaves_an_ending_taskforce_in_its_phase_and_logs_the_faile
     wms: RunningWms, workflows: Stub, alice: Metadata, ending: Any
 ) -> None:
     resp = await create(workflows, alice, two_task_request())
-    ended, *others = resp.taskforces
+    ended, *others = await launched(workflows, alice, resp.workflow.workflow_id)
     await set_phase(wms, ended.taskforce_uuid, ending)
 
     done = await finish(workflows, alice, resp.workflow.workflow_id)
@@ -662,7 +669,7 @@ async def test_finish_leaves_an_ending_taskforce_in_its_phase_and_logs_the_faile
         metadata=alice,
     )
     assert got.phase == ending
-    assert len(got.phase_change_log) == 2
+    assert list(got.phase_change_log[:-1]) == list(ended.phase_change_log)  # one entry added
     last = got.phase_change_log[-1]
     assert (last.target_phase, last.was_successful) == (
         Phase.TASKFORCE_PHASE_PENDING_STOPPER,

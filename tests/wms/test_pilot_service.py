@@ -3,12 +3,9 @@ the WMS keeps each pilot's state, rolls it into its taskforce, and sends drain a
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -16,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ewms.v1 import (
     pilot_service_pb2,
-    pilot_service_pb2_grpc,
     taskforce_pb2,
     workflow_service_pb2,
     workflow_service_pb2_grpc,
@@ -26,6 +22,7 @@ from services.errors import field_violations
 from services.wms import RunningWms, start_wms
 from services.wms.pilots import RECENT_TASK_EVENTS, ChangeKind, PilotChange, PilotState
 from tests.conftest import bearer, wms_settings
+from tests.wms.helpers import PilotStream, eventually
 from tests.wms.requests import minimal_task, workflow_request
 
 ps = pilot_service_pb2
@@ -33,69 +30,6 @@ ws = workflow_service_pb2
 Phase = taskforce_pb2.PilotPhase
 Stub = workflow_service_pb2_grpc.WorkflowServiceStub
 Metadata = tuple[tuple[str, str], ...]
-TIMEOUT = 10.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Wait until ``check`` holds; fail after TIMEOUT seconds."""
-    deadline = time.monotonic() + TIMEOUT
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {TIMEOUT} s: {what}")
-        await asyncio.sleep(0.02)
-
-
-class PilotStream:
-    """One pilot's Connect stream, driven by the test."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        stub = pilot_service_pb2_grpc.PilotServiceStub(channel)
-        self.call = stub.Connect(metadata=bearer(token))
-
-    async def send(self, **kind: Any) -> None:
-        await self.call.write(ps.PilotServiceConnectRequest(**kind))
-
-    async def hello(
-        self, taskforce_uuid: str, worker_id: str = "1.0", host: str = "node-1"
-    ) -> ps.PilotServiceConnectResponse:
-        """Say hello and return the WMS's answer."""
-        hello = ps.PilotHello(
-            taskforce_uuid=taskforce_uuid, worker_id=worker_id, host=host, pilot_version="0.1.0"
-        )
-        await self.send(hello=hello)
-        return await self.read()
-
-    async def status(
-        self,
-        phase: taskforce_pb2.PilotPhase.ValueType = Phase.PILOT_PHASE_TASKING,
-        last_error: str = "",
-        **counters: int,
-    ) -> None:
-        status = ps.PilotStatus(
-            phase=phase, counters=taskforce_pb2.TaskCounters(**counters), last_error=last_error
-        )
-        await self.send(status=status)
-
-    async def read(self) -> ps.PilotServiceConnectResponse:
-        """The next message from the WMS (the stream must not end)."""
-        msg = await asyncio.wait_for(self.call.read(), TIMEOUT)
-        assert msg is not grpc.aio.EOF, "the WMS ended the stream"
-        return msg  # type: ignore[no-any-return]
-
-    async def failure(self) -> grpc.aio.AioRpcError:
-        """The error the WMS ends the stream with (messages before it are skipped)."""
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            while await asyncio.wait_for(self.call.read(), TIMEOUT) is not grpc.aio.EOF:
-                pass
-        return err.value
-
-    async def ended_cleanly(self) -> bool:
-        """Whether the WMS ends the stream with OK once the messages before it are read."""
-        while await asyncio.wait_for(self.call.read(), TIMEOUT) is not grpc.aio.EOF:
-            pass
-        return bool(await self.call.code() == grpc.StatusCode.OK)
-
-
 Connect = Callable[..., PilotStream]
 
 
@@ -120,7 +54,7 @@ async def connect(wms: RunningWms, channel: grpc.aio.Channel) -> AsyncIterator[C
 async def created(workflows: Stub, alice: Metadata) -> ws.CreateWorkflowResponse:
     """alice's workflow with two taskforces (at local and osg)."""
     request = workflow_request(minimal_task(cluster_locations=["local", "osg"]))
-    return await workflows.CreateWorkflow(request, metadata=alice)
+    return await workflows.CreateWorkflow(request, metadata=alice)  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -135,7 +69,7 @@ async def pilot_state(wms: RunningWms, taskforce_uuid: str, worker_id: str) -> P
 async def stored_taskforce(
     workflows: Stub, alice: Metadata, taskforce_uuid: str
 ) -> taskforce_pb2.Taskforce:
-    return await workflows.GetTaskforce(
+    return await workflows.GetTaskforce(  # type: ignore[no-any-return]
         ws.GetTaskforceRequest(taskforce_uuid=taskforce_uuid), metadata=alice
     )
 

@@ -28,7 +28,7 @@ from ewms.v1 import workflow_pb2 as ewms_dot_v1_dot_workflow__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ewms/v1/task_manager_service.proto\x12\x07\x65wms.v1\x1a\x13\x65wms/v1/queue.proto\x1a\x17\x65wms/v1/taskforce.proto\x1a\x16\x65wms/v1/workflow.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x03\n TaskManagerServiceConnectRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.ewms.v1.TmsHelloH\x00\x12\x30\n\tsubmitted\x18\x02 \x01(\x0b\x32\x1b.ewms.v1.TaskforceSubmittedH\x00\x12\x38\n\rsubmit_failed\x18\x03 \x01(\x0b\x32\x1f.ewms.v1.TaskforceCommandFailedH\x00\x12,\n\x07removed\x18\x04 \x01(\x0b\x32\x19.ewms.v1.TaskforceRemovedH\x00\x12\x38\n\rremove_failed\x18\x05 \x01(\x0b\x32\x1f.ewms.v1.TaskforceCommandFailedH\x00\x12\x30\n\tcompleted\x18\x06 \x01(\x0b\x32\x1b.ewms.v1.TaskforceCompletedH\x00\x12.\n\x08snapshot\x18\x07 \x01(\x0b\x32\x1a.ewms.v1.JobStatusSnapshotH\x00\x42\x06\n\x04kind\"X\n\x08TmsHello\x12\x18\n\x10\x63luster_location\x18\x01 \x01(\t\x12\x11\n\tscheduler\x18\x02 \x01(\t\x12\x0e\n\x06tms_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"\xe5\x01\n\x12TaskforceSubmitted\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x05\x12\x11\n\tn_workers\x18\x03 \x01(\x05\x12@\n\x0bsubmit_dict\x18\x04 \x03(\x0b\x32+.ewms.v1.TaskforceSubmitted.SubmitDictEntry\x12\x1b\n\x13job_event_log_fpath\x18\x05 \x01(\t\x1a\x31\n\x0fSubmitDictEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x16TaskforceCommandFailed\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"*\n\x10TaskforceRemoved\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\"]\n\x12TaskforceCompleted\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12/\n\x0b\x63omplete_ts\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11JobStatusSnapshot\x12/\n\ntaskforces\x18\x01 \x03(\x0b\x32\x1b.ewms.v1.TaskforceJobStatus\"\xdf\x01\n\x12TaskforceJobStatus\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x32\n\x11\x63ompound_statuses\x18\x02 \x03(\x0b\x32\x17.ewms.v1.CompoundStatus\x12G\n\x0ftop_task_errors\x18\x03 \x03(\x0b\x32..ewms.v1.TaskforceJobStatus.TopTaskErrorsEntry\x1a\x34\n\x12TopTaskErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xa5\x01\n!TaskManagerServiceConnectResponse\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.ewms.v1.TmsWelcomeH\x00\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.ewms.v1.StartTaskforceH\x00\x12&\n\x04stop\x18\x03 \x01(\x0b\x32\x16.ewms.v1.StopTaskforceH\x00\x42\x06\n\x04kind\"&\n\nTmsWelcome\x12\x18\n\x10\x63luster_location\x18\x01 \x01(\t\"\xb1\x01\n\x0eStartTaskforce\x12%\n\ttaskforce\x18\x01 \x01(\x0b\x32\x12.ewms.v1.Taskforce\x12.\n\x0etask_directive\x18\x02 \x01(\x0b\x32\x16.ewms.v1.TaskDirective\x12\x1e\n\x06queues\x18\x03 \x03(\x0b\x32\x0e.ewms.v1.Queue\x12\x13\n\x0bpilot_token\x18\x04 \x01(\t\x12\x13\n\x0bwms_address\x18\x05 \x01(\t\"K\n\rStopTaskforce\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t2z\n\x12TaskManagerService\x12\x64\n\x07\x43onnect\x12).ewms.v1.TaskManagerServiceConnectRequest\x1a*.ewms.v1.TaskManagerServiceConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ewms/v1/task_manager_service.proto\x12\x07\x65wms.v1\x1a\x13\x65wms/v1/queue.proto\x1a\x17\x65wms/v1/taskforce.proto\x1a\x16\x65wms/v1/workflow.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x03\n TaskManagerServiceConnectRequest\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.ewms.v1.TmsHelloH\x00\x12\x30\n\tsubmitted\x18\x02 \x01(\x0b\x32\x1b.ewms.v1.TaskforceSubmittedH\x00\x12\x38\n\rsubmit_failed\x18\x03 \x01(\x0b\x32\x1f.ewms.v1.TaskforceCommandFailedH\x00\x12,\n\x07removed\x18\x04 \x01(\x0b\x32\x19.ewms.v1.TaskforceRemovedH\x00\x12\x38\n\rremove_failed\x18\x05 \x01(\x0b\x32\x1f.ewms.v1.TaskforceCommandFailedH\x00\x12\x30\n\tcompleted\x18\x06 \x01(\x0b\x32\x1b.ewms.v1.TaskforceCompletedH\x00\x12.\n\x08snapshot\x18\x07 \x01(\x0b\x32\x1a.ewms.v1.JobStatusSnapshotH\x00\x42\x06\n\x04kind\"X\n\x08TmsHello\x12\x18\n\x10\x63luster_location\x18\x01 \x01(\t\x12\x11\n\tscheduler\x18\x02 \x01(\t\x12\x0e\n\x06tms_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"\xe5\x01\n\x12TaskforceSubmitted\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x05\x12\x11\n\tn_workers\x18\x03 \x01(\x05\x12@\n\x0bsubmit_dict\x18\x04 \x03(\x0b\x32+.ewms.v1.TaskforceSubmitted.SubmitDictEntry\x12\x1b\n\x13job_event_log_fpath\x18\x05 \x01(\t\x1a\x31\n\x0fSubmitDictEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x16TaskforceCommandFailed\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"*\n\x10TaskforceRemoved\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\"]\n\x12TaskforceCompleted\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12/\n\x0b\x63omplete_ts\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x11JobStatusSnapshot\x12/\n\ntaskforces\x18\x01 \x03(\x0b\x32\x1b.ewms.v1.TaskforceJobStatus\"\x94\x01\n\x12TaskforceJobStatus\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12(\n\x07workers\x18\x04 \x03(\x0b\x32\x17.ewms.v1.WorkerJobState\x12\x0c\n\x04\x66ull\x18\x05 \x01(\x08J\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x11\x63ompound_statusesR\x0ftop_task_errors\"\x8d\x01\n\x0eWorkerJobState\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\tjob_state\x18\x02 \x01(\x0e\x32\x11.ewms.v1.JobState\x12\x13\n\x0bhold_reason\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n!TaskManagerServiceConnectResponse\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.ewms.v1.TmsWelcomeH\x00\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.ewms.v1.StartTaskforceH\x00\x12&\n\x04stop\x18\x03 \x01(\x0b\x32\x16.ewms.v1.StopTaskforceH\x00\x42\x06\n\x04kind\"S\n\nTmsWelcome\x12\x18\n\x10\x63luster_location\x18\x01 \x01(\t\x12+\n\x08\x63lusters\x18\x02 \x03(\x0b\x32\x19.ewms.v1.TaskforceCluster\"n\n\x10TaskforceCluster\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x05\x12\x11\n\tn_workers\x18\x03 \x01(\x05\x12\x1b\n\x13job_event_log_fpath\x18\x04 \x01(\t\"\xb1\x01\n\x0eStartTaskforce\x12%\n\ttaskforce\x18\x01 \x01(\x0b\x32\x12.ewms.v1.Taskforce\x12.\n\x0etask_directive\x18\x02 \x01(\x0b\x32\x16.ewms.v1.TaskDirective\x12\x1e\n\x06queues\x18\x03 \x03(\x0b\x32\x0e.ewms.v1.Queue\x12\x13\n\x0bpilot_token\x18\x04 \x01(\t\x12\x13\n\x0bwms_address\x18\x05 \x01(\t\"K\n\rStopTaskforce\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t2z\n\x12TaskManagerService\x12\x64\n\x07\x43onnect\x12).ewms.v1.TaskManagerServiceConnectRequest\x1a*.ewms.v1.TaskManagerServiceConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKFORCESUBMITTED_SUBMITDICTENTRY']._loaded_options = None
   _globals['_TASKFORCESUBMITTED_SUBMITDICTENTRY']._serialized_options = b'8\001'
-  _globals['_TASKFORCEJOBSTATUS_TOPTASKERRORSENTRY']._loaded_options = None
-  _globals['_TASKFORCEJOBSTATUS_TOPTASKERRORSENTRY']._serialized_options = b'8\001'
   _globals['_TASKMANAGERSERVICECONNECTREQUEST']._serialized_start=151
   _globals['_TASKMANAGERSERVICECONNECTREQUEST']._serialized_end=539
   _globals['_TMSHELLO']._serialized_start=541
@@ -56,17 +54,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSTATUSSNAPSHOT']._serialized_start=1067
   _globals['_JOBSTATUSSNAPSHOT']._serialized_end=1135
   _globals['_TASKFORCEJOBSTATUS']._serialized_start=1138
-  _globals['_TASKFORCEJOBSTATUS']._serialized_end=1361
-  _globals['_TASKFORCEJOBSTATUS_TOPTASKERRORSENTRY']._serialized_start=1309
-  _globals['_TASKFORCEJOBSTATUS_TOPTASKERRORSENTRY']._serialized_end=1361
-  _globals['_TASKMANAGERSERVICECONNECTRESPONSE']._serialized_start=1364
-  _globals['_TASKMANAGERSERVICECONNECTRESPONSE']._serialized_end=1529
-  _globals['_TMSWELCOME']._serialized_start=1531
-  _globals['_TMSWELCOME']._serialized_end=1569
-  _globals['_STARTTASKFORCE']._serialized_start=1572
-  _globals['_STARTTASKFORCE']._serialized_end=1749
-  _globals['_STOPTASKFORCE']._serialized_start=1751
-  _globals['_STOPTASKFORCE']._serialized_end=1826
-  _globals['_TASKMANAGERSERVICE']._serialized_start=1828
-  _globals['_TASKMANAGERSERVICE']._serialized_end=1950
+  _globals['_TASKFORCEJOBSTATUS']._serialized_end=1286
+  _globals['_WORKERJOBSTATE']._serialized_start=1289
+  _globals['_WORKERJOBSTATE']._serialized_end=1430
+  _globals['_TASKMANAGERSERVICECONNECTRESPONSE']._serialized_start=1433
+  _globals['_TASKMANAGERSERVICECONNECTRESPONSE']._serialized_end=1598
+  _globals['_TMSWELCOME']._serialized_start=1600
+  _globals['_TMSWELCOME']._serialized_end=1683
+  _globals['_TASKFORCECLUSTER']._serialized_start=1685
+  _globals['_TASKFORCECLUSTER']._serialized_end=1795
+  _globals['_STARTTASKFORCE']._serialized_start=1798
+  _globals['_STARTTASKFORCE']._serialized_end=1975
+  _globals['_STOPTASKFORCE']._serialized_start=1977
+  _globals['_STOPTASKFORCE']._serialized_end=2052
+  _globals['_TASKMANAGERSERVICE']._serialized_start=2054
+  _globals['_TASKMANAGERSERVICE']._serialized_end=2176
 # @@protoc_insertion_point(module_scope)

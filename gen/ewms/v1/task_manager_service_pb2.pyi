@@ -280,57 +280,75 @@ Global___JobStatusSnapshot: _TypeAlias = JobStatusSnapshot  # noqa: Y015
 
 @_typing.final
 class TaskforceJobStatus(_message.Message):
-    """The full current job state of one taskforce."""
+    """Job states of one taskforce's workers. The WMS joins them with the pilots' phases into the
+    taskforce's compound statuses.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class TopTaskErrorsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.int
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.int = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
     TASKFORCE_UUID_FIELD_NUMBER: _builtins.int
-    COMPOUND_STATUSES_FIELD_NUMBER: _builtins.int
-    TOP_TASK_ERRORS_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
     taskforce_uuid: _builtins.str
     """The taskforce."""
+    full: _builtins.bool
+    """Whether workers lists every worker of the taskforce (sent after a (re)connect); workers the
+    WMS knows and the list lacks are then forgotten.
+    """
     @_builtins.property
-    def compound_statuses(self) -> _containers.RepeatedCompositeFieldContainer[_taskforce_pb2.CompoundStatus]:
-        """Workers counted by job state and pilot phase (replaces the previous counts)."""
-
-    @_builtins.property
-    def top_task_errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
-        """Most frequent task errors and their counts (replaces the previous ones)."""
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerJobState]:
+        """Workers whose job state changed (all of them when full is set)."""
 
     def __init__(
         self,
         *,
         taskforce_uuid: _builtins.str = ...,
-        compound_statuses: _abc.Iterable[_taskforce_pb2.CompoundStatus] | None = ...,
-        top_task_errors: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        workers: _abc.Iterable[Global___WorkerJobState] | None = ...,
+        full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compound_statuses", b"compound_statuses", "taskforce_uuid", b"taskforce_uuid", "top_task_errors", b"top_task_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "taskforce_uuid", b"taskforce_uuid", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskforceJobStatus: _TypeAlias = TaskforceJobStatus  # noqa: Y015
+
+@_typing.final
+class WorkerJobState(_message.Message):
+    """The scheduler's state of one worker (one job of a taskforce's cluster)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    JOB_STATE_FIELD_NUMBER: _builtins.int
+    HOLD_REASON_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker: "<cluster id>.<proc id>", as the pilot's EWMS_PILOT_WORKER_ID."""
+    job_state: _taskforce_pb2.JobState.ValueType
+    """Its job state."""
+    hold_reason: _builtins.str
+    """Why it is held, when job_state is JOB_STATE_HELD, e.g. "Memory usage exceeds a memory limit"."""
+    @_builtins.property
+    def timestamp(self) -> _timestamp_pb2.Timestamp:
+        """When the scheduler recorded the state (e.g. the job event log time)."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        job_state: _taskforce_pb2.JobState.ValueType = ...,
+        hold_reason: _builtins.str = ...,
+        timestamp: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_reason", b"hold_reason", "job_state", b"job_state", "timestamp", b"timestamp", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerJobState: _TypeAlias = WorkerJobState  # noqa: Y015
 
 @_typing.final
 class TaskManagerServiceConnectResponse(_message.Message):
@@ -377,20 +395,62 @@ class TmsWelcome(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CLUSTER_LOCATION_FIELD_NUMBER: _builtins.int
+    CLUSTERS_FIELD_NUMBER: _builtins.int
     cluster_location: _builtins.str
     """The canonical name of the TMS's cluster location."""
+    @_builtins.property
+    def clusters(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskforceCluster]:
+        """The location's clusters the WMS knows as submitted and not yet complete, so that a restarted
+        TMS follows them again (the original pre-loads this map from the WMS).
+        """
+
     def __init__(
         self,
         *,
         cluster_location: _builtins.str = ...,
+        clusters: _abc.Iterable[Global___TaskforceCluster] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_location", b"cluster_location"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_location", b"cluster_location", "clusters", b"clusters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TmsWelcome: _TypeAlias = TmsWelcome  # noqa: Y015
+
+@_typing.final
+class TaskforceCluster(_message.Message):
+    """A submitted taskforce's cluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKFORCE_UUID_FIELD_NUMBER: _builtins.int
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    N_WORKERS_FIELD_NUMBER: _builtins.int
+    JOB_EVENT_LOG_FPATH_FIELD_NUMBER: _builtins.int
+    taskforce_uuid: _builtins.str
+    """The taskforce."""
+    cluster_id: _builtins.int
+    """Its cluster id."""
+    n_workers: _builtins.int
+    """Workers submitted."""
+    job_event_log_fpath: _builtins.str
+    """Path of the job event log (HTCondor only)."""
+    def __init__(
+        self,
+        *,
+        taskforce_uuid: _builtins.str = ...,
+        cluster_id: _builtins.int = ...,
+        n_workers: _builtins.int = ...,
+        job_event_log_fpath: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "job_event_log_fpath", b"job_event_log_fpath", "n_workers", b"n_workers", "taskforce_uuid", b"taskforce_uuid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskforceCluster: _TypeAlias = TaskforceCluster  # noqa: Y015
 
 @_typing.final
 class StartTaskforce(_message.Message):
