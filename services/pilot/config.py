@@ -330,12 +330,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
     if htchirp_dest not in ("JOB_ATTR", "JOB_EVENT_LOG"):
         r.problem(f"EWMS_PILOT_HTCHIRP_DEST={htchirp_dest!r}: must be JOB_ATTR or JOB_EVENT_LOG")
 
-    stop_listening = r.boolean("EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR", True)
+    # The original's default is true: it had no dead-letter queue. Here a failing event is retried
+    # up to its queue's max_attempts and then dead-lettered with its error while the pilot goes on;
+    # stopping would leave the rest of the queue to fewer and fewer pilots, and the poison event
+    # short of its last attempt.
+    stop_listening = r.boolean("EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR", False)
     quarantine = r.seconds("EWMS_PILOT_QUARANTINE_TIME", 0.0, positive=False) or 0.0
     if quarantine and not stop_listening:
         r.problem(
             "EWMS_PILOT_QUARANTINE_TIME: only allowed when "
-            "EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR is true"
+            "EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR is true (the quarantine is the wait before "
+            "a pilot stopped by a task error exits): set EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR="
+            "true, or unset EWMS_PILOT_QUARANTINE_TIME"
         )
 
     runtime = r.text("EWMS_PILOT_RUNTIME").lower()

@@ -1,9 +1,11 @@
 """Why a task run failed. Class names matter: ``EWMS_PILOT_OKAY_ERRORS`` lists them (any class in
 an error's hierarchy matches, so ``ContainerRunError`` also covers timeouts), as in the original.
 
-The error text of a failed run comes from its stderr (UPSTREAM.md §3.5): the last Python traceback's
-exception line, else the last non-empty line that is not Apptainer's own logging, else Apptainer's
-last log line.
+The error text of a failed run comes from its stderr (UPSTREAM.md §3.5): a first line with the
+last Python traceback's exception line, else the last non-empty line that is not Apptainer's own
+logging, else Apptainer's last log line; then the last lines of stderr (:func:`stderr_excerpt`).
+The whole text goes with the nacked event (its dead letter, the task's FAILED event); only the
+first line (:attr:`TaskError.summary`) is the pilot's last error, which the WMS groups pilots by.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from typing import Any
 STDERR_TAIL_BYTES = 64 * 1024
 APPTAINER_LOG = re.compile(r"^(INFO|WARNING|ERROR|FATAL|DEBUG|VERBOSE):\s")
 TRACEBACK = "Traceback (most recent call last):"
+# The end of stderr carried in an error text: enough for a traceback's last frames, and small
+# enough to fit the brokers' error fields (4 KiB) with the first line (at most DETAIL_CHARS).
+EXCERPT_LINES = 10
+EXCERPT_LINE_CHARS = 200
+EXCERPT_BYTES = 2048
+# The first line's detail from stderr (a task may print one huge line).
+DETAIL_CHARS = 1000
 
 
 class TaskError(Exception):
@@ -32,6 +41,12 @@ class TaskError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def summary(self) -> str:
+        """The error's first line, without the stderr excerpt: what the pilot reports as its last
+        error, so that pilots failing the same way are counted together."""
+        return first_line(self.message)
 
     def matches(self, names: frozenset[str]) -> bool:
         """Whether any class of this error's hierarchy is named in ``names``."""
@@ -73,8 +88,44 @@ class PilotStopped(TaskError):
     """The pilot stopped (drain grace over, or told to stop) before the task finished."""
 
 
+def first_line(text: str) -> str:
+    """The first line of an error text."""
+    return text.split("\n", 1)[0]
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def stderr_excerpt(stderr: str) -> str:
+    """The last non-empty lines of ``stderr`` (at most EXCERPT_LINES, each cut to
+    EXCERPT_LINE_CHARS, at most EXCERPT_BYTES of them in all), to append to an error text: a new
+    line ``stderr (last N lines):``, then each line indented by two spaces. Empty when stderr
+    is."""
+    kept: list[str] = []
+    size = 0
+    for line in reversed(stderr.splitlines()):
+        text = line.rstrip()
+        if not text.strip():
+            continue
+        text = _cut(text, EXCERPT_LINE_CHARS)
+        size += len(text.encode(errors="replace"))
+        if size > EXCERPT_BYTES or len(kept) == EXCERPT_LINES:
+            break
+        kept.append(text)
+    if not kept:
+        return ""
+    kept.reverse()
+    count = "1 line" if len(kept) == 1 else f"{len(kept)} lines"
+    return f"\nstderr (last {count}):\n" + "\n".join(f"  {line}" for line in kept)
+
+
 def extract_error(stderr: str) -> str:
-    """The most useful line of a failed run's stderr."""
+    """The most useful line of a failed run's stderr (cut to DETAIL_CHARS)."""
+    return _cut(_most_useful_line(stderr), DETAIL_CHARS)
+
+
+def _most_useful_line(stderr: str) -> str:
     lines = stderr.splitlines()
     start = None
     for i in range(len(lines) - 1, -1, -1):

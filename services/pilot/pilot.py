@@ -2,9 +2,11 @@
 
 Read top to bottom: :meth:`Pilot.run` prepares the runtime, runs the init task, subscribes, then
 takes one delivery per free slot (``EWMS_PILOT_MAX_CONCURRENT_TASKS``) until it is told to drain,
-stops listening after a task error, or has been idle too long. :meth:`Pilot._handle` is one event's
-whole path: task directory, infile, run, outputs published to every output queue (confirmed), then
-the input acked -- or, on any failure, nacked with the error text so the queue counts the attempt.
+has been idle too long, or -- only with ``EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR`` -- a task
+failed. :meth:`Pilot._handle` is one event's whole path: task directory, infile, run, outputs
+published to every output queue (confirmed), then the input acked -- or, on any failure, nacked
+with the error text so the queue counts the attempt (and dead-letters it at ``max_attempts``).
+The pilot's status carries only the error's first line (:attr:`TaskError.summary`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from services.pilot.failures import (
     PilotStopped,
     TaskError,
     WorkflowEndedError,
+    first_line,
 )
 from services.pilot.queue_link import Intake, QueueLink, Received
 from services.pilot.runner import RunResult, run
@@ -220,7 +223,7 @@ class Pilot:
         outcome = await self._run()
         spawner_cpu = await self._spawner.close() if self._spawner is not None else 0.0
         if outcome.phase == Phase.PILOT_PHASE_FATAL_ERROR:
-            self.last_error = self.last_error or outcome.reason
+            self.last_error = self.last_error or first_line(outcome.reason)
             self._changed()
             if self.chirper:
                 self.chirper.error(outcome.reason)
@@ -277,7 +280,7 @@ class Pilot:
             try:
                 await self._run_init()
             except TaskError as exc:
-                self.last_error = str(exc)
+                self.last_error = exc.summary
                 return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, str(exc))
             if self._drain.is_set():
                 return Outcome(0, Phase.PILOT_PHASE_DONE, self._drain_reason)
@@ -546,9 +549,11 @@ class Pilot:
             if self._drain.is_set():
                 # Else the nack would hand the event straight back to this pilot.
                 await self._pause_intake()
+            # The event carries the whole text; the status only its first line, so that the WMS
+            # counts pilots failing the same way together.
             await self._nack(item, str(exc), dead_letter=exc.dead_letter)
             self.counters.tasks_failed += 1
-            self.last_error = str(exc)
+            self.last_error = exc.summary
             self._failed(item, r, exc, paths)
             return
         except OSError as exc:
@@ -556,7 +561,7 @@ class Pilot:
             error = TaskError(f"task files: {exc}")
             await self._nack(item, str(error), dead_letter=False)
             self.counters.tasks_failed += 1
-            self.last_error = str(error)
+            self.last_error = error.summary
             self._failed(item, r, error, paths)
             self._fatal = self._fatal or error
             self.drain("the task directory failed")

@@ -1,8 +1,9 @@
 """The pilot process: ``ewms pilot`` and ``python -m services.pilot``.
 
 Exit codes: 0 finished (idle, drained, or told to stop); 1 fatal error (init task failed, the
-runtime is unusable, a task failed with ``EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR``, the input queue
-was lost); 2 invalid configuration (nothing was consumed).
+runtime is unusable, a task failed with ``EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR=true``, the input
+queue was lost); 2 invalid configuration (nothing was consumed). By default a failed task does not
+end the pilot: its event is nacked (and dead-lettered at the queue's ``max_attempts``).
 """
 
 from __future__ import annotations

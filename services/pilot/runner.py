@@ -24,7 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.pilot.failures import ContainerRunError, TaskTimeoutError, extract_error, stderr_tail
+from services.pilot.failures import (
+    ContainerRunError,
+    TaskTimeoutError,
+    extract_error,
+    stderr_excerpt,
+    stderr_tail,
+)
 from services.pilot.runtimes import Launch
 from services.pilot.spawner import Exit, Spawner, SpawnerLost
 
@@ -174,7 +180,9 @@ async def _start(
     except SpawnerLost:
         raise
     except OSError as exc:
-        raise ContainerRunError(f"{alias} could not start {launch.argv[0]!r}: {exc}") from None
+        # The spawner's reason names the command (e.g. "/bin/x does not exist").
+        reason = exc.strerror or str(exc)
+        raise ContainerRunError(f"{alias} could not start: {reason}") from None
     running = Running(pid, slot, time.monotonic(), lambda sig: spawner.signal(pid, sig))
     for result in early:
         on_exit(result)
@@ -195,9 +203,10 @@ async def run(
 ) -> RunResult:
     """Run to completion (or timeout) and measure; ``on_start(slot)`` is called when the
     spawner has started it (it waits for one of the spawner's slots). Raises
-    :class:`ContainerRunError` (or :class:`TaskTimeoutError`) with the error text from stderr when
-    the run did not exit 0, and :class:`~services.pilot.spawner.SpawnerLost` when the spawner's
-    helper is gone. Cancelling this coroutine withdraws the task or kills its process group."""
+    :class:`ContainerRunError` (or :class:`TaskTimeoutError`) when the run did not exit 0 (the
+    first line of its text says how it ended, with the most useful line of stderr; the last lines
+    of stderr follow), and :class:`~services.pilot.spawner.SpawnerLost` when the spawner's helper
+    is gone. Cancelling this coroutine withdraws the task or kills its process group."""
     errors = stderr_path or (stderr if isinstance(stderr, Path) else None)
     out_fd, err_fd = _output_fds(stdout, stderr)
     running = await _start(spawner, launch, out_fd, err_fd, alias, _executable(launch))
@@ -222,15 +231,17 @@ async def run(
         cpu_system=ended.cpu_system,
         max_rss_bytes=ended.max_rss_bytes,
     )
+    if not timed_out and code == 0:
+        return result
+    # The first line says what happened (the pilot reports it alone, so that errors group); the
+    # end of stderr follows for whoever reads the event's error.
+    tail = stderr_tail(errors) if errors else ""
+    detail = extract_error(tail)
     if timed_out:
-        detail = extract_error(stderr_tail(errors)) if errors else ""
-        raise TaskTimeoutError(
-            f"{alias} timed out after {time_limit:g}s and was killed"
-            + (f" (last stderr: {detail})" if detail else ""),
-            result,
+        first = f"{alias} timed out after {time_limit:g}s and was killed" + (
+            f" (last stderr: {detail})" if detail else ""
         )
-    if code != 0:
-        detail = (extract_error(stderr_tail(errors)) if errors else "") or "(no stderr)"
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        raise ContainerRunError(f"{alias} failed ({how}): {detail}", result)
-    return result
+        raise TaskTimeoutError(first + stderr_excerpt(tail), result)
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    first = f"{alias} failed ({how}): {detail or '(no stderr)'}"
+    raise ContainerRunError(first + stderr_excerpt(tail), result)

@@ -42,6 +42,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -373,25 +374,65 @@ def _serve(sock: socket.socket, slots: int) -> None:
 def _spawn(task: _Queued, devnull: int) -> int:
     """Start one task: posix_spawn (vfork and exec in C, no Python in between) in a new session,
     in the task's directory (this process's own: it has no use for one), with the signals Python
-    ignores back to their defaults."""
+    ignores back to their defaults. An OSError's text says why, naming the command."""
     os.chdir(task.cwd)
-    executable = task.executable or shutil.which(
-        task.argv[0], path=task.env.get("PATH", os.defpath)
-    )
-    if executable is None:
-        raise FileNotFoundError(errno.ENOENT, f"{task.argv[0]!r} not found in PATH")
-    return os.posix_spawn(
-        executable,
-        task.argv,
-        task.env,
-        file_actions=[
-            (os.POSIX_SPAWN_DUP2, devnull, 0),
-            (os.POSIX_SPAWN_DUP2, task.fds[0], 1),
-            (os.POSIX_SPAWN_DUP2, task.fds[1], 2),
-        ],
-        setsid=True,
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-    )
+    executable = task.executable or _find(task.argv[0], task.env.get("PATH", os.defpath))
+    try:
+        return os.posix_spawn(
+            executable,
+            task.argv,
+            task.env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, task.fds[0], 1),
+                (os.POSIX_SPAWN_DUP2, task.fds[1], 2),
+            ],
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"{_shown(task.argv[0])}: {exc.strerror or exc}") from None
+
+
+def _find(name: str, path: str) -> str:
+    """The file to execute for the command ``name``: itself if it contains a '/' (relative to the
+    task's directory), else the first executable ``name`` in ``path``. OSError says why there is
+    none."""
+    shown = _shown(name)
+    if "/" not in name:
+        found = shutil.which(name, path=path)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, f"{shown} not found in PATH ({_short(path)})")
+        return found
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"{shown} does not exist") from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"{shown}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, f"{shown} is a directory")
+    if not os.access(name, os.X_OK):
+        raise PermissionError(errno.EACCES, f"{shown} is not executable")
+    return name
+
+
+def _shown(name: str) -> str:
+    """A command as error texts show it: quoted only if it has spaces or unprintable characters."""
+    return name if name.isprintable() and " " not in name and name else repr(name)
+
+
+def _short(path: str, limit: int = 120) -> str:
+    """A PATH for an error text: its first directories, within about ``limit`` characters."""
+    if not path:
+        return "empty"
+    dirs = path.split(os.pathsep)
+    shown: list[str] = []
+    for i, directory in enumerate(dirs):
+        if shown and len(os.pathsep.join([*shown, directory])) > limit:
+            return os.pathsep.join(shown) + f" and {len(dirs) - i} more"
+        shown.append(directory)
+    return path
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ def test_defaults_suit_real_use(tmp_path: Path) -> None:
     )
     assert s.idle_timeout >= 30
     assert s.max_concurrent_tasks == 1 and s.prefetch == 4
-    assert s.stop_listening_on_task_error is True
+    assert s.stop_listening_on_task_error is False  # the queue dead-letters a failing event
     assert s.outgoing.queues == ("Q-1-bbbbbbbb", "Q-1-cccccccc")
     assert s.incoming.broker_type == "embedded" and s.incoming.address == "127.0.0.1:50051"
     assert s.data_dir == tmp_path / "ewms-pilot-data"
@@ -94,6 +94,23 @@ def test_every_bad_variable_is_reported_at_once() -> None:
     ):
         assert needle in text
     assert len(err.value.problems) == 12
+
+
+def test_a_quarantine_needs_stop_listening_and_the_error_says_how_to_fix_it() -> None:
+    with pytest.raises(PilotConfigError) as err:
+        load_settings({**BASE, "EWMS_PILOT_QUARANTINE_TIME": "30"})
+    [problem] = err.value.problems
+    assert problem.startswith("EWMS_PILOT_QUARANTINE_TIME: only allowed when")
+    assert "set EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR=true" in problem
+    assert "unset EWMS_PILOT_QUARANTINE_TIME" in problem
+    s = load_settings(
+        {
+            **BASE,
+            "EWMS_PILOT_QUARANTINE_TIME": "30",
+            "EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR": "true",
+        }
+    )
+    assert (s.stop_listening_on_task_error, s.quarantine_time) == (True, 30.0)
 
 
 def test_input_queue_and_task_are_required() -> None:

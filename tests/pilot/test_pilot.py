@@ -231,8 +231,9 @@ async def test_a_poison_event_is_dead_lettered_while_the_rest_complete(penv: Pil
 
 
 async def test_a_task_error_stops_the_pilot_and_returns_the_event(penv: PilotEnv) -> None:
+    # The original's behaviour, now opted into (the default is to go on).
     await penv.publish([b"poison"])
-    pilot = await penv.start_pilot(FAIL_ON_POISON)
+    pilot = await penv.start_pilot(FAIL_ON_POISON, EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR="true")
     assert await pilot.wait() == 1
     stats = await penv.settled("in")
     assert (stats.ready, stats.in_flight, stats.dead_lettered) == (1, 0, 0)
@@ -241,7 +242,11 @@ async def test_a_task_error_stops_the_pilot_and_returns_the_event(penv: PilotEnv
 
 async def test_okay_errors_do_not_stop_the_pilot(penv: PilotEnv) -> None:
     await penv.publish([b"poison", b"fine"])
-    code = await penv.run_pilot(FAIL_ON_POISON, EWMS_PILOT_OKAY_ERRORS="ContainerRunError")
+    code = await penv.run_pilot(
+        FAIL_ON_POISON,
+        EWMS_PILOT_STOP_LISTENING_ON_TASK_ERROR="true",
+        EWMS_PILOT_OKAY_ERRORS="ContainerRunError",
+    )
     assert code == 0
     assert payloads(await penv.outputs("out", 1)) == [b"fine"]
 
