@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import enum
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import jwt
 
 from services.errors import PermissionDenied, Unauthenticated
+from services.private_files import PRIVATE_FILE, private_dir, tighten, write_private
 
 ISSUER = "ewms"
 SECRET_FILE = "secret.key"
@@ -144,21 +144,15 @@ class TokenAuthority:
         return principal, float(claims["exp"])
 
 
-def _write_private(path: Path, content: str) -> None:
-    """Create ``path`` with mode 0600 atomically (never readable by others, even briefly)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content)
-    os.replace(tmp, path)
-
-
 def load_or_create_secret(data_dir: Path) -> bytes:
-    """The signing secret in ``data_dir``, created (0600) if missing."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """The signing secret in ``data_dir``, created (0600) if missing; the directory is made
+    private (0700), and both are tightened if found looser."""
+    private_dir(data_dir)
     path = data_dir / SECRET_FILE
-    if not path.exists():
-        _write_private(path, secrets.token_hex(32) + "\n")
+    if path.exists():
+        tighten(path, PRIVATE_FILE)
+    else:
+        write_private(path, secrets.token_hex(32) + "\n")
     return path.read_text().strip().encode()
 
 
@@ -167,13 +161,14 @@ def ensure_admin_token(data_dir: Path, authority: TokenAuthority) -> Path:
     signed with another secret. Returns its path."""
     path = data_dir / ADMIN_TOKEN_FILE
     if path.exists():
+        tighten(path, PRIVATE_FILE)
         try:
             principal = authority.verify(path.read_text().strip())
             if principal.is_admin:
                 return path
         except Unauthenticated:
             pass
-    _write_private(path, authority.mint("admin", Role.ADMIN, ADMIN_TOKEN_TTL) + "\n")
+    write_private(path, authority.mint("admin", Role.ADMIN, ADMIN_TOKEN_TTL) + "\n")
     return path
 
 

@@ -70,6 +70,7 @@ from typing import Any, NamedTuple
 
 import structlog
 
+from services.private_files import private_dir
 from services.tms.scheduler import (
     COMPLETED,
     HELD,
@@ -368,7 +369,8 @@ class LocalScheduler:
         self.command = list(command) if command is not None else [python, "-m", "services.pilot"]
         self._cpus = sorted(os.sched_getaffinity(0))
         self._cpu_cursor = 0
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Private: the job log holds the pilots' credentials, the workers' directories events.
+        private_dir(self.state_dir)
         self._log = _JobLog(self.state_dir / LOG_NAME)
         self._clusters: dict[int, _Cluster] = {}
         self._idle: collections.deque[_Worker] = collections.deque()  # to start, in order

@@ -18,9 +18,12 @@ from typing import Any, Generic, TypeVar
 from google.protobuf.message import Message
 
 from ewms.v1 import queue_pb2, taskforce_pb2, workflow_pb2
+from services.private_files import PRIVATE_FILE, private_dir, private_file, tighten
 from services.wms.migrations import MIGRATIONS
 
 DB_FILE = "wms.sqlite3"
+# Files SQLite keeps beside the database (WAL mode uses the first two).
+SIDE_FILE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -214,7 +217,12 @@ class Store:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Private: event payloads and broker credentials. SQLite gives the side files it creates the
+    # database's mode, but leaves ones a crash left behind as they were.
+    private_dir(path.parent)
+    private_file(path)
+    for suffix in SIDE_FILE_SUFFIXES:
+        tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode = WAL")
     # FULL: a commit is on disk before the RPC answers, so an acknowledged change survives a crash
