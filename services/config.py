@@ -100,6 +100,11 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def max_event_bytes_from_env(env: Mapping[str, str]) -> int:
+    """``EWMS_MAX_EVENT_BYTES``, the largest event payload; read alike by the WMS and the CLI."""
+    return _int(env, "EWMS_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES, 1024, 1024 * 1024 * 1024)
+
+
 DEFAULT_TMS_ACTION_RETRIES = 2
 DEFAULT_TMS_RETRY_DELAY = 10.0
 
@@ -147,9 +152,7 @@ class WmsSettings:
             rabbitmq_url=env.get("EWMS_RABBITMQ_URL", "").strip() or DEFAULT_RABBITMQ_URL,
             rabbitmq_management_url=env.get("EWMS_RABBITMQ_MANAGEMENT_URL", "").strip()
             or DEFAULT_RABBITMQ_MANAGEMENT_URL,
-            max_event_bytes=_int(
-                env, "EWMS_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES, 1024, 1024 * 1024 * 1024
-            ),
+            max_event_bytes=max_event_bytes_from_env(env),
             queue_retention_seconds=_int(
                 env, "EWMS_QUEUE_RETENTION", DEFAULT_QUEUE_RETENTION, 0, 10 * 365 * 24 * 3600
             ),
@@ -192,11 +195,14 @@ def parse_location_max_workers(text: str) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """Settings of a client (the CLI): where the WMS is and which token to present."""
+    """Settings of a client (the CLI): where the WMS is, which token to present, and the largest
+    event it may publish."""
 
     wms_address: str = DEFAULT_WMS_ADDRESS
     token: str = ""
     data_dir: Path = field(default_factory=default_data_dir)
+    # Larger events are refused before anything is published (the WMS would reject them anyway).
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientSettings:
@@ -205,4 +211,5 @@ class ClientSettings:
             wms_address=env.get("EWMS_WMS_ADDRESS", "").strip() or DEFAULT_WMS_ADDRESS,
             token=env.get("EWMS_TOKEN", "").strip(),
             data_dir=default_data_dir(env),
+            max_event_bytes=max_event_bytes_from_env(env),
         )

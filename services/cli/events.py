@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from ewms.v1 import event_service_pb2, event_service_pb2_grpc, queue_pb2, workfl
 from services.cli.connection import Connection
 from services.cli.render import print_json, print_table, when
 from services.cli.workflows import UsageError, _add_limit, _pages
+from services.config import ClientSettings
 from services.errors import field_violations
 
 ES = event_service_pb2
@@ -249,8 +251,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def read_lines(path: str, *, text: bool) -> list[_Line]:
-    """The events of a file, one per non-blank line; CommandError (exit 2) naming bad lines."""
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # would be published as Infinity, which is not JSON
+        raise ValueError(f"the number {text[:40]} is too large for a JSON number")
+    return value
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} bytes"
+
+
+def read_lines(path: str, *, text: bool, max_event_bytes: int | None = None) -> list[_Line]:
+    """The events of a file, one per non-blank line; CommandError (exit 2) naming the bad lines:
+    not UTF-8, not JSON (unless ``text``), or with ``max_event_bytes`` a payload (as it will be
+    published: compact JSON, or with ``text`` the raw line) of more bytes than that."""
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
@@ -259,6 +274,8 @@ def read_lines(path: str, *, text: bool) -> list[_Line]:
     name = "stdin" if path == "-" else path
     lines: list[_Line] = []
     bad: list[str] = []
+    n_too_big = 0
+    over = f"over the limit of {_bytes(max_event_bytes or 0)} (EWMS_MAX_EVENT_BYTES)"
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         try:
@@ -269,27 +286,38 @@ def read_lines(path: str, *, text: bool) -> list[_Line]:
         if not line.strip():
             continue
         if text:
-            lines.append(_Line(number, raw))
+            payload = raw
+        else:
+            try:
+                value = json.loads(line, parse_constant=_reject_constant, parse_float=_finite)
+            except json.JSONDecodeError as exc:
+                bad.append(f"line {number}: {exc.msg} (column {exc.colno})")
+                continue
+            except ValueError as exc:
+                bad.append(f"line {number}: {exc}")
+                continue
+            payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if max_event_bytes is not None and len(payload) > max_event_bytes:
+            # Refused here: the WMS would reject it, or its gRPC limit would, without a line number.
+            bad.append(f"line {number}: {_bytes(len(payload))}, {over}")
+            n_too_big += 1
             continue
-        try:
-            value = json.loads(line, parse_constant=_reject_constant)
-        except json.JSONDecodeError as exc:
-            bad.append(f"line {number}: {exc.msg} (column {exc.colno})")
-            continue
-        except ValueError as exc:
-            bad.append(f"line {number}: {exc}")
-            continue
-        compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        lines.append(_Line(number, compact.encode("utf-8")))
+        lines.append(_Line(number, payload))
     if bad:
-        what = "is not" if len(bad) == 1 else "are not"
-        kind = "UTF-8 text" if text else "valid JSON"
+        verb = "is" if len(bad) == 1 else "are"
+        invalid = "not UTF-8 text" if text else "not valid JSON"
+        if not n_too_big:
+            what = f"{verb} {invalid}"
+        elif n_too_big == len(bad):
+            what = f"{verb} {over}"
+        else:
+            what = f"are {invalid} or are {over}"
         shown = bad[:MAX_SHOWN_BAD_LINES]
         if len(bad) > len(shown):
             shown.append(f"... and {len(bad) - len(shown)} more")
         first = bad[0].split(":")[0]
         subject = first if len(bad) == 1 else f"{len(bad)} lines"
-        raise CommandError(f"{name}: {subject} {what} {kind}; nothing was published", 2, shown)
+        raise CommandError(f"{name}: {subject} {what}; nothing was published", 2, shown)
     return lines
 
 
@@ -315,7 +343,8 @@ def _line_span(lines: Sequence[_Line]) -> str:
 
 def publish(conn: Connection, args: Any) -> None:
     """ewms events publish QUEUE --file F."""
-    lines = read_lines(args.file, text=args.text)
+    limit = ClientSettings.from_env().max_event_bytes
+    lines = read_lines(args.file, text=args.text, max_event_bytes=limit)
     queue_id = resolve_queue(conn, args.queue)
     content_type = args.content_type or ("text/plain" if args.text else "application/json")
     events = [queue_pb2.Event(payload=ln.payload, content_type=content_type) for ln in lines]
@@ -344,13 +373,22 @@ def _publish_failed(exc: grpc.RpcError, lines: list[_Line], batch: range, n_done
         if n_done
         else "nothing was published"
     )
+    span = _line_span(lines[batch.start : batch.stop])
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+    reason: str = exc.details() or ""  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # The request passed this CLI's EWMS_MAX_EVENT_BYTES but not the WMS's gRPC message limit
+        # (its own EWMS_MAX_EVENT_BYTES + 1 MiB); a batch that big is one event (see _batches).
+        size = sum(len(ln.payload) for ln in lines[batch.start : batch.stop])
+        raise CommandError(
+            f"RESOURCE_EXHAUSTED: the WMS refused the batch of {span} ({_bytes(size)}) as larger "
+            f"than it accepts ({reason}); {done}",
+            2,
+            ["hint: the WMS's EWMS_MAX_EVENT_BYTES is likely smaller than this CLI's"],
+        ) from None
     if code != grpc.StatusCode.INVALID_ARGUMENT:
         if n_done:
-            print(
-                f"note: {done}; the batch of {_line_span(lines[batch.start : batch.stop])} failed",
-                file=sys.stderr,
-            )
+            print(f"note: {done}; the batch of {span} failed", file=sys.stderr)
         return
     details: list[str] = []
     for field, description in field_violations(exc):
@@ -361,10 +399,8 @@ def _publish_failed(exc: grpc.RpcError, lines: list[_Line], batch: range, n_done
             details.append(f"line {line}: {where}{description}")
         else:
             details.append(f"{field}: {description}")
-    reason: str = exc.details() or ""  # type: ignore[attr-defined]
     raise CommandError(
-        f"INVALID_ARGUMENT: the WMS rejected the batch of "
-        f"{_line_span(lines[batch.start : batch.stop])} ({reason}); {done}",
+        f"INVALID_ARGUMENT: the WMS rejected the batch of {span} ({reason}); {done}",
         2,
         details,
     ) from None

@@ -280,7 +280,8 @@ def test_another_users_queue_exits_4(served: dict[str, str], tmp_path: Path) -> 
 
 @pytest.fixture
 def small_wms(served: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:  # noqa: F811
-    """A second WMS, served like ``served`` but with a 1 KiB event limit (EWMS_MAX_EVENT_BYTES)."""
+    """A second WMS, served like ``served`` but with a 1 KiB event limit (EWMS_MAX_EVENT_BYTES);
+    the environment it yields keeps the CLI's default limit, so the WMS is what rejects events."""
     env = {**served, "EWMS_MAX_EVENT_BYTES": "1024", "EWMS_DATA_DIR": str(tmp_path / "small")}
     log_path = tmp_path / "small-wms.log"
     with log_path.open("w") as log:
@@ -291,7 +292,9 @@ def small_wms(served: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]
             cwd=ROOT,
         )
     try:
-        yield {**env, "EWMS_WMS_ADDRESS": f"127.0.0.1:{_wait_for_port(log_path, proc)}"}
+        port = _wait_for_port(log_path, proc)
+        client = {k: v for k, v in env.items() if k != "EWMS_MAX_EVENT_BYTES"}
+        yield {**client, "EWMS_WMS_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -322,6 +325,111 @@ def test_event_over_the_size_limit_exits_2_naming_its_line(
     assert "the WMS rejected the batch of lines 3-4" in res.stderr
     assert "; 2 event(s) of earlier batches (lines 1-2) were published" in res.stderr
     assert "  line 3: payload is 2000 bytes" in res.stderr
+    assert stats(q, small_wms)["published"] == 2
+
+
+MIB = 1024 * 1024
+BIG = 20 * MIB  # over the default limit of 16 MiB (and gRPC's receive limit of a default WMS)
+
+
+def assert_nothing_published(queue: str, env: dict[str, str]) -> None:
+    counts = stats(queue, env)
+    assert (counts["published"], counts["ready"]) == (0, 0)
+
+
+def test_json_line_over_the_default_limit_is_refused_naming_its_line(
+    served: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _, queues = submit(served)
+    q = queues["input-queue"]
+    big = '"' + "x" * (BIG - 2) + '"'  # compact JSON of exactly BIG bytes
+    events = write(tmp_path, "big.jsonl", f'{{"n": 1}}\n{big}\n{{"n": 3}}\n')
+    res = ewms("events", "publish", q, "--file", events, env=served, check=False)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"error: {events}: line 2 is over the limit of 16,777,216 bytes (EWMS_MAX_EVENT_BYTES); "
+        "nothing was published",
+        "  line 2: 20,971,520 bytes, over the limit of 16,777,216 bytes (EWMS_MAX_EVENT_BYTES)",
+    ]
+    assert res.stdout == ""
+    assert_nothing_published(q, served)
+
+
+def test_text_line_over_the_default_limit_is_refused_naming_its_line(
+    served: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _, queues = submit(served)
+    q = queues["input-queue"]
+    events = write(tmp_path, "big.txt", f"one\ntwo\n\n{'y' * BIG}\r\nfive\n")
+    res = ewms("events", "publish", q, "--file", events, "--text", env=served, check=False)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"error: {events}: line 4 is over the limit of 16,777,216 bytes (EWMS_MAX_EVENT_BYTES); "
+        "nothing was published",
+        "  line 4: 20,971,520 bytes, over the limit of 16,777,216 bytes (EWMS_MAX_EVENT_BYTES)",
+    ]
+    assert_nothing_published(q, served)
+
+
+def test_line_just_over_the_clients_own_limit_is_refused_naming_its_line(
+    served: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _, queues = submit(served)  # the WMS keeps its default limit: the CLI alone refuses
+    q = queues["input-queue"]
+    client = {**served, "EWMS_MAX_EVENT_BYTES": "1024"}
+    events = write(tmp_path, "e", f"ok\n{'z' * 1024}\n{'z' * 1025}\nok\n")
+    res = ewms("events", "publish", q, "--file", events, "--text", env=client, check=False)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"error: {events}: line 3 is over the limit of 1,024 bytes (EWMS_MAX_EVENT_BYTES); "
+        "nothing was published",
+        "  line 3: 1,025 bytes, over the limit of 1,024 bytes (EWMS_MAX_EVENT_BYTES)",
+    ]
+    assert_nothing_published(q, served)
+
+
+def test_bad_and_oversized_json_lines_are_reported_together_in_file_order(
+    served: dict[str, str],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _, queues = submit(served)
+    q = queues["input-queue"]
+    client = {**served, "EWMS_MAX_EVENT_BYTES": "1024"}
+    long = '"' + "w" * 1100 + '"'
+    events = write(tmp_path, "e.jsonl", f"1\n{long}\n{{oops\n{long}\n")
+    res = ewms("events", "publish", q, "--file", events, env=client, check=False)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        f"error: {events}: 3 lines are not valid JSON or are over the limit of 1,024 bytes "
+        "(EWMS_MAX_EVENT_BYTES); nothing was published",
+        "  line 2: 1,102 bytes, over the limit of 1,024 bytes (EWMS_MAX_EVENT_BYTES)",
+        "  line 3: Expecting property name enclosed in double quotes (column 2)",
+        "  line 4: 1,102 bytes, over the limit of 1,024 bytes (EWMS_MAX_EVENT_BYTES)",
+    ]
+    assert_nothing_published(q, served)
+
+
+def test_event_over_the_wms_message_limit_but_within_the_clients_exits_2_naming_its_line(
+    small_wms: dict[str, str], tmp_path: Path
+) -> None:
+    # The WMS accepts gRPC messages of its limit (1 KiB) + 1 MiB; the CLI's limit is 16 MiB, so a
+    # 2 MiB event reaches the WMS and is refused by gRPC (RESOURCE_EXHAUSTED), not by EventService.
+    _, queues = submit(small_wms)
+    q = queues["input-queue"]
+    events = write(tmp_path, "e", f"ok 1\nok 2\n{'x' * (2 * MIB)}\nok 4\n")
+    res = ewms("events", "publish", q, "--file", events, "--text", env=small_wms, check=False)
+    assert res.returncode == 2
+    err = res.stderr.splitlines()
+    # ok 1 and ok 2 form the first batch, stored before the big event (which travels alone).
+    assert err[0].startswith(
+        "error: RESOURCE_EXHAUSTED: the WMS refused the batch of line 3 (2,097,152 bytes) as "
+        "larger than it accepts ("
+    )
+    assert err[0].endswith("); 2 event(s) of earlier batches (lines 1-2) were published")
+    assert err[1:] == ["  hint: the WMS's EWMS_MAX_EVENT_BYTES is likely smaller than this CLI's"]
     assert stats(q, small_wms)["published"] == 2
 
 
