@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
 
-from services.cli import events, pilot, run, serve, tokens, workflows
+from services.cli import events, options, pilot, run, serve, tokens, watch, workflows
 from services.cli.connection import Connection, resolve_token
 from services.config import ClientSettings, ConfigError
 from services.errors import field_violations
+from services.events.client import QueueError
 
+BROKER_HINT = (
+    "EWMS_QUEUE_BACKEND=rabbitmq needs RabbitMQ at EWMS_RABBITMQ_URL with its management plugin "
+    "at EWMS_RABBITMQ_MANAGEMENT_URL ('rabbitmq-plugins enable rabbitmq_management'); or leave "
+    "EWMS_QUEUE_BACKEND unset for the embedded queues"
+)
 EXIT_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: 2,
     grpc.StatusCode.OUT_OF_RANGE: 2,
@@ -33,23 +39,18 @@ EXIT_CODES = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--wms", help="WMS address (default EWMS_WMS_ADDRESS or localhost:50051)")
-    common.add_argument("--token", default="", help="bearer token (default EWMS_TOKEN)")
-    common.add_argument(
-        "--data-dir", type=Path, help="WMS data directory (default EWMS_DATA_DIR or user data dir)"
-    )
-    common.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser = argparse.ArgumentParser(
+    parents = options.parents()
+    parser = options.Parser(
         prog="ewms", description="Event Workflow Management System: workflows of event-driven tasks"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve.add_commands(sub, common)
-    workflows.add_commands(sub, common)
-    events.add_commands(sub, common)
-    tokens.add_commands(sub, common)
-    pilot.add_commands(sub, common)
-    run.add_commands(sub, common)
+    serve.add_commands(sub, parents)
+    workflows.add_commands(sub, parents.client)
+    events.add_commands(sub, parents.client)
+    tokens.add_commands(sub, parents)
+    pilot.add_commands(sub)
+    run.add_commands(sub, parents)
+    watch.add_commands(sub, parents)
     return parser
 
 
@@ -81,8 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except grpc.RpcError as exc:
         return _report_rpc_error(exc, args)
+    except QueueError as exc:
+        # Only servers started here reach a broker themselves (ewms run, up, wms serve).
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"  hint: {BROKER_HINT}", file=sys.stderr)
+        return EXIT_CODES[grpc.StatusCode.UNAVAILABLE]
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            "error: an unexpected failure (the traceback above): a bug in ewms. Please report "
+            "it with the command you ran and the lines above.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -93,7 +107,9 @@ def _report_rpc_error(exc: grpc.RpcError, args: argparse.Namespace) -> int:
         details = f"cannot reach the WMS at {args.wms or ClientSettings.from_env().wms_address}"
     print(f"error: {code.name}: {details}", file=sys.stderr)
     for field, description in field_violations(exc):
-        print(f"  {field}: {description}", file=sys.stderr)
+        violation = f"{field}: {description}"
+        if violation not in details:  # a lone violation is often the message itself
+            print(f"  {violation}", file=sys.stderr)
     if code == grpc.StatusCode.UNAUTHENTICATED and not (
         args.token or ClientSettings.from_env().token
     ):

@@ -17,6 +17,7 @@ import textwrap
 from typing import Any
 
 from services.cli.events import CommandError
+from services.cli.options import positive_int
 from services.events.client import QueueAccessDenied, QueueError, QueueNotFound
 from services.logs import configure_logging
 from services.pilot.hyperflow import DEFAULT_EXCHANGE, EventsSubscription, ReceivedEvent
@@ -56,17 +57,7 @@ the credentials; 6 the broker is unreachable or the connection was lost."""
 _TSV_BREAKERS = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: Any) -> None:
     """Register ``pilot`` and ``pilot metrics``."""
     p = sub.add_parser(
         "pilot",
@@ -96,7 +87,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         default=DEFAULT_BINDING,
         help="routing-key pattern to subscribe to (default %(default)s)",
     )
-    m.add_argument("--count", type=_positive, help="stop after printing this many lines")
+    m.add_argument("--count", type=positive_int, help="stop after printing this many lines")
     m.add_argument("--header", action="store_true", help="print a header line first")
     m.set_defaults(run=metrics, needs_wms=False)
 

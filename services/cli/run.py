@@ -1,52 +1,53 @@
-"""``ewms run`` (the main job), ``ewms up``, ``ewms watch`` and ``ewms tms serve``.
+"""``ewms run`` (the main job): run a workflow over a file of events on this machine.
 
-``ewms run WORKFLOW.json --in events.jsonl --out results.jsonl`` submits the workflow, publishes
-the events to its public input queue, writes every output event as it arrives (acking it only
-after the line is written), and finishes the workflow once every input is settled. Without
-``--wms`` it runs an embedded WMS and a local TMS in this process. Completion is event-driven:
-each output and each WatchWorkflow change triggers a check of the queues' counters in pipeline
-order (a stage acks its input only after publishing its outputs, so when a queue is settled its
-outputs are already counted downstream).
+``ewms run WORKFLOW.json --in events.jsonl --out results.jsonl`` checks its input (the request,
+every event line, --out) before anything starts, submits the workflow, publishes the events to its
+public input queue, writes every output event as it arrives (acking it only after the line is
+written), and finishes the workflow once every input is settled. Without ``--wms`` it runs an
+embedded WMS and a local TMS in this process. Completion is event-driven: each output and each
+WatchWorkflow change triggers a check of the queues' counters in pipeline order (a stage acks its
+input only after publishing its outputs, so when a queue is settled its outputs are already
+counted downstream). When it fails it says why (services/cli/run_report.py) and keeps its
+directory, pilot logs included.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from ewms.v1 import event_service_pb2 as ES
 from ewms.v1 import queue_pb2, taskforce_pb2, workflow_service_pb2_grpc
 from ewms.v1 import workflow_service_pb2 as WS
+from services.cli import run_report
 from services.cli.connection import resolve_token
-from services.cli.events import event_json, read_lines
+from services.cli.events import CommandError, event_json, read_lines
+from services.cli.options import Parents, positive_int
+from services.cli.output_file import OutputError, OutputFile
+from services.cli.watch import WorkflowView
 from services.cli.workflows import UsageError, read_request
-from services.config import ClientSettings, WmsSettings
+from services.config import ClientSettings
 from services.events.amqp import AmqpQueueClient
-from services.events.client import QueueClient
+from services.events.client import EventTooLarge, QueueClient, QueueError
 from services.events.grpc_client import GrpcQueueClient, channel_options
 from services.logs import configure_logging
 from services.pilot.config import amqp_url
 from services.tms.pilot_env import broker_address as _broker_address
 
-Phase = taskforce_pb2.TaskforcePhase
-TERMINAL = (Phase.TASKFORCE_PHASE_CONDOR_COMPLETE, Phase.TASKFORCE_PHASE_CANCELLED)
 OUTPUT_PREFETCH = 256
 FINISH_TIMEOUT = 120.0
-MAX_LISTED_DEAD_LETTERS = 20
 CHECK_INTERVAL = 0.05
 EXIT_WMS_UNREACHABLE = 6  # as every client command (services/cli/__init__.py)
 RECHECK_FIRST = 0.25
@@ -58,256 +59,93 @@ RECHECK_MAX = 2.0
 QUIET_SETTLED = 12.0
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``run``, ``up``, ``watch`` and ``tms serve``."""
+def add_commands(sub: Any, parents: Parents) -> None:
+    """Register ``run``."""
     p = sub.add_parser(
         "run",
-        parents=[common],
         help="run a workflow over a file of events and write its outputs (the main job)",
+        description="Run a workflow over a file of events: an embedded WMS and a local TMS in "
+        "this process (unless --wms), one event per line of --in, every output event as a line "
+        "of --out. Exit 0 done; 1 dead letters, failed workers or an output write error; 2 bad "
+        "input (nothing is started); 6 the WMS or the queue broker unreachable; 130/143 "
+        "interrupted.",
     )
     p.add_argument("workflow", help="workflow request JSON (the original EWMS's format)")
     p.add_argument("--in", dest="infile", required=True, help="input events, one per line")
     p.add_argument(
-        "--out", dest="outfile", required=True, help="where output events go ('-': stdout)"
+        "--out",
+        dest="outfile",
+        required=True,
+        help="where output events go, one per line ('-': stdout); an existing file is replaced "
+        "once the first output arrives (or the run ends with none)",
     )
     p.add_argument("--text", action="store_true", help="events are text lines, not JSON values")
     p.add_argument("--in-queue", help="alias of the queue the events go to (if several are public)")
-    p.add_argument("--workers", type=int, help="local TMS: workers at once (default: CPUs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
-    p.set_defaults(run=run_command, needs_wms=False)
-
-    p = sub.add_parser(
-        "up", parents=[common], help="run an embedded WMS and a local TMS until Ctrl-C"
-    )
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any)")
-    p.add_argument("--workers", type=int, help="local TMS: workers at once (default: CPUs)")
-    p.set_defaults(run=up_command, needs_wms=False)
-
-    p = sub.add_parser("watch", parents=[common], help="show a workflow's live status")
-    p.add_argument("workflow_id")
-    p.set_defaults(run=watch_command, needs_wms=False)
-
-    tms = sub.add_parser("tms", help="run a TMS").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    p = tms.add_parser("serve", parents=[common], help="serve one cluster location until stopped")
-    p.add_argument("--location", required=True, help="the cluster location this TMS serves")
-    p.add_argument("--scheduler", choices=("local", "htcondor"), default="local")
-    p.add_argument("--state-dir", type=Path, help="local: job log and worker directories")
-    p.add_argument("--slots", type=int, help="local: workers at once (default: CPUs)")
     p.add_argument(
-        "--job-event-log-dir", type=Path, help="htcondor: JOB_EVENT_LOG_DIR (envfiles, logs)"
+        "--workers",
+        type=positive_int,
+        help="the embedded local TMS's workers at once (default: the CPUs); not with --wms",
     )
-    p.set_defaults(run=tms_command, needs_wms=False)
-
-
-# --- ewms tms serve ---
-
-
-def tms_command(args: Any) -> int:
-    from services.tms.client import TmsClient, TmsError
-    from services.tms.pilot_env import PilotEnvError, parse_defaults
-    from services.tms.scheduler import Scheduler
-
-    settings = ClientSettings.from_env()
-    address = args.wms or settings.wms_address
-    data_dir = args.data_dir or settings.data_dir
-    token = resolve_token(args.token, settings, address, data_dir)
-    configure_logging(os.environ.get("EWMS_LOG_LEVEL", "INFO"))
-    try:
-        defaults = parse_defaults(os.environ.get("EWMS_TMS_PILOT_ENV", ""))
-    except PilotEnvError as exc:
-        raise UsageError(str(exc)) from None
-    scheduler: Scheduler
-    files: Any = None
-    if args.scheduler == "local":
-        from services.tms.local import LocalScheduler
-
-        state_dir = args.state_dir or data_dir / f"tms-{args.location}"
-        scheduler = LocalScheduler(state_dir, slots=args.slots or os.cpu_count() or 1)
-    else:
-        from services.tms.htcondor import HTCondorScheduler
-
-        jel_dir = args.job_event_log_dir or Path(os.environ.get("JOB_EVENT_LOG_DIR", ""))
-        if not str(jel_dir) or str(jel_dir) == ".":
-            raise UsageError("--job-event-log-dir (or JOB_EVENT_LOG_DIR) is required for htcondor")
-        from services.tms.files import FileManager
-
-        condor = HTCondorScheduler(jel_dir)
-        scheduler = condor
-        # As the original: old job event logs and taskforce directories are archived, then
-        # deleted (a pass once connected, then hourly).
-        files = FileManager(jel_dir, condor.job_event_log_in_use)
-    client = TmsClient(address, token, args.location, scheduler, pilot_env_defaults=defaults)
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, client.stop)
-
-        async def archive() -> None:
-            # After the welcome: only then does the scheduler know which logs are in use.
-            await client.connected.wait()
-            await files.run()
-
-        housekeeping = asyncio.create_task(archive()) if files is not None else None
-        try:
-            await client.run()
-        finally:
-            if housekeeping is not None:
-                housekeeping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await housekeeping
-            await scheduler.close()
-
-    try:
-        asyncio.run(serve())
-    except TmsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-# --- ewms up ---
-
-
-def up_command(args: Any) -> int:
-    from services.local_stack import start_local_stack
-
-    settings = WmsSettings.from_env()
-    data_dir = args.data_dir or settings.data_dir
-    configure_logging(settings.log_level)
-
-    async def up() -> None:
-        stack = await start_local_stack(
-            data_dir, settings=settings, slots=args.workers, port=args.port
-        )
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
-        print(
-            f"ewms up: WMS at {stack.address}, data in {data_dir}, local TMS with "
-            f"{args.workers or os.cpu_count()} worker slot(s); Ctrl-C stops",
-            file=sys.stderr,
-        )
-        await stopping.wait()
-        await stack.stop()
-
-    asyncio.run(up())
-    return 0
-
-
-# --- ewms watch ---
-
-
-def watch_command(args: Any) -> int:
-    settings = ClientSettings.from_env()
-    address = args.wms or settings.wms_address
-    token = resolve_token(args.token, settings, address, args.data_dir or settings.data_dir)
-
-    async def watch() -> None:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
-            metadata = (("authorization", f"Bearer {token}"),) if token else ()
-            view = WorkflowView()
-            async for msg in stub.WatchWorkflow(
-                WS.WatchWorkflowRequest(workflow_id=args.workflow_id), metadata=metadata
-            ):
-                if args.json:
-                    print(
-                        json.dumps(
-                            json_format.MessageToDict(msg, preserving_proto_field_name=True)
-                        ),
-                        flush=True,
-                    )
-                    continue
-                view.apply(msg)
-                print(view.describe(time.strftime("%H:%M:%S")), flush=True)
-
-    try:
-        asyncio.run(watch())
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-@dataclass
-class WorkflowView:
-    """A workflow as a watch stream made it so far."""
-
-    workflow: Any = None
-    taskforces: dict[str, taskforce_pb2.Taskforce] = field(default_factory=dict)
-    stats: dict[str, queue_pb2.QueueStats] = field(default_factory=dict)
-
-    def apply(self, msg: WS.WatchWorkflowResponse) -> None:
-        if msg.HasField("workflow"):
-            self.workflow = msg.workflow
-        for tf in msg.taskforces:
-            self.taskforces[tf.taskforce_uuid] = tf
-        for s in msg.queue_stats:
-            self.stats[s.queue_id] = s
-
-    def workers(self, state: int) -> int:
-        return sum(
-            c.count
-            for tf in self.taskforces.values()
-            for c in tf.compound_statuses
-            if c.job_state == state
-        )
-
-    def tasks_failed(self) -> int:
-        return sum(tf.counters.tasks_failed for tf in self.taskforces.values())
-
-    def all_terminal(self) -> bool:
-        return bool(self.taskforces) and all(
-            tf.phase in TERMINAL for tf in self.taskforces.values()
-        )
-
-    def describe(self, stamp: str) -> str:
-        lines = []
-        wf = self.workflow
-        state = "active"
-        if wf is not None and wf.deactivated:
-            state = "finished" if wf.deactivated == 2 else "aborted"
-        lines.append(f"[{stamp}] {wf.workflow_id if wf is not None else '?'} ({state})")
-        for tf in self.taskforces.values():
-            phase = Phase.Name(tf.phase).removeprefix("TASKFORCE_PHASE_").lower().replace("_", "-")
-            compound = ", ".join(
-                f"{taskforce_pb2.JobState.Name(c.job_state).removeprefix('JOB_STATE_')}"
-                f"{': ' + c.hold_reason if c.hold_reason else ''}"
-                f"/{taskforce_pb2.PilotPhase.Name(c.pilot_phase).removeprefix('PILOT_PHASE_')}"
-                f"={c.count}"
-                for c in tf.compound_statuses
-            )
-            c = tf.counters
-            lines.append(
-                f"  {tf.taskforce_uuid} {phase:<16} ok {c.tasks_succeeded} failed "
-                f"{c.tasks_failed} | {compound or 'no workers yet'}"
-            )
-            for error, n in tf.top_task_errors.items():
-                lines.append(f"    error x{n}: {error.splitlines()[0][:100] if error else ''}")
-        for s in self.stats.values():
-            lines.append(
-                f"  queue {s.queue_id}: ready {s.ready} in flight {s.in_flight} acked {s.acked} "
-                f"dead {s.dead_lettered}"
-            )
-        return "\n".join(lines)
-
-
-# --- ewms run ---
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    p.add_argument(
+        "--wms",
+        metavar="ADDRESS",
+        help="use the running WMS at ADDRESS and its TMSs instead of an embedded one "
+        "(EWMS_WMS_ADDRESS is not read: without --wms a run is self-contained)",
+    )
+    p.add_argument(
+        "--token",
+        default="",
+        help="with --wms: bearer token (default EWMS_TOKEN, else the local admin token)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="without --wms: the embedded WMS's data directory, kept (default: a new directory "
+        "in $TMPDIR, deleted after a successful run, kept after a failed one); with --wms: where "
+        "the local admin token is found (default EWMS_DATA_DIR or the user data dir)",
+    )
+    p.set_defaults(run=run_command, needs_wms=False)
 
 
 def run_command(args: Any) -> int:
+    """Check every input, then run; returns the exit code."""
     request = read_request(args.workflow)
-    lines = read_lines(args.infile, text=args.text)
     settings = ClientSettings.from_env()
+    if args.wms and args.workers:
+        raise UsageError(
+            "--workers sizes the embedded local TMS; with --wms the WMS's TMSs run the workers "
+            "(use the workflow's n_workers)"
+        )
+    in_alias = input_alias(request, args.in_queue)
+    out = OutputFile(args.outfile)
+    out.check()
+    lines = read_lines(args.infile, text=args.text, max_event_bytes=settings.max_event_bytes)
     if not args.wms:
         configure_logging(os.environ.get("EWMS_LOG_LEVEL", "WARNING"))
     try:
-        return asyncio.run(_until_signalled(_run(args, request, lines, settings)))
+        return asyncio.run(_until_signalled(_run(args, request, lines, settings, in_alias, out)))
     except KeyboardInterrupt:
         return 130
+
+
+def input_alias(request: WS.CreateWorkflowRequest, in_queue: str | None) -> str:
+    """The alias of the queue the events go to: --in-queue, else the one public queue that a task
+    consumes and none produces; UsageError before anything is started."""
+    consumed = {a for t in request.tasks for a in t.input_queue_aliases}
+    produced = {a for t in request.tasks for a in t.output_queue_aliases}
+    if in_queue:
+        if in_queue not in consumed | produced | set(request.public_queue_aliases):
+            raise UsageError(f"--in-queue {in_queue!r}: the workflow has no such queue")
+        return in_queue
+    entries = [a for a in request.public_queue_aliases if a in consumed and a not in produced]
+    if len(entries) != 1:
+        names = ", ".join(entries) or "none"
+        raise UsageError(
+            f"the workflow needs exactly one public input queue for --in (found: {names}); "
+            "name it with --in-queue"
+        )
+    return entries[0]
 
 
 async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
@@ -337,10 +175,16 @@ async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
 
 
 async def _run(
-    args: Any, request: WS.CreateWorkflowRequest, lines: list[Any], settings: ClientSettings
+    args: Any,
+    request: WS.CreateWorkflowRequest,
+    lines: Sequence[Any],
+    settings: ClientSettings,
+    in_alias: str,
+    out: OutputFile,
 ) -> int:
     stack = None
-    tmp: tempfile.TemporaryDirectory[str] | None = None
+    run_dir: Path | None = None
+    throwaway = False
     if args.wms:
         address = args.wms
         token = resolve_token(args.token, settings, address, args.data_dir or settings.data_dir)
@@ -348,41 +192,71 @@ async def _run(
         from services.local_stack import start_local_stack
 
         if args.data_dir:
-            data_dir = args.data_dir
+            run_dir = args.data_dir
         else:
-            tmp = tempfile.TemporaryDirectory(prefix="ewms-run-")
-            data_dir = Path(tmp.name)
-        stack = await start_local_stack(data_dir, slots=args.workers)
+            run_dir = Path(tempfile.mkdtemp(prefix="ewms-run-"))
+            throwaway = True
+        try:
+            stack = await start_local_stack(run_dir, slots=args.workers)
+        except BaseException:
+            if throwaway:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         address, token = stack.address, stack.token
-    run = WorkflowRun(address, token, args, lines)
+    run = WorkflowRun(address, token, args, lines, in_alias, out, run_dir)
+    code = 1
     try:
-        return await run.execute(request)
+        code = await run.execute(request)
+        return code
     finally:
         if stack is not None:
-            if tmp is not None and run.workflow_id:
-                # The data directory goes away with the run: so do its broker queues and user
-                # (with RabbitMQ they would outlive it).
+            if throwaway and run.workflow_id:
+                # The run's broker queues and user go with it (with RabbitMQ they would outlive
+                # it); its directory stays when it failed, for the pilot logs.
                 with contextlib.suppress(Exception):
                     await stack.wms.queues.delete_now(run.workflow_id)
             await stack.stop()
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.cleanup()
+        if run_dir is not None:
+            if throwaway and code == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            elif code != 0 and run.workflow_id:
+                print(f"run directory kept: {run_dir}", file=sys.stderr)
+                print(
+                    f"  pilot logs: {run_dir}/tms-local/ewms-taskforce-*/cluster-*/*.err",
+                    file=sys.stderr,
+                )
+            elif throwaway:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class WorkflowRun:
-    """One ``ewms run``: submit, publish, collect, finish."""
+    """One ``ewms run``: submit, publish, collect, finish, report."""
 
-    def __init__(self, address: str, token: str, args: Any, lines: list[Any]) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        args: Any,
+        lines: Sequence[Any],
+        in_alias: str,
+        out: OutputFile,
+        run_dir: Path | None,
+    ) -> None:
         self.address = address
         self.token = token
         self.args = args
         self.lines = lines
+        self.in_alias = in_alias
+        self.out = out
+        self.run_dir = run_dir
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.view = WorkflowView()
         self.outputs_written = 0
         self.seen: set[str] = set()
+        self.line_of: dict[str, int] = {}
         self.settled_inputs = 0
+        self.unsettled_inputs = len(lines)
+        self.published = asyncio.Event()
         self.quiet_since: float | None = None
         self.done = asyncio.Event()
         self.check_wanted = asyncio.Event()
@@ -413,12 +287,9 @@ class WorkflowRun:
                     connection_name=f"ewms run {self.workflow_id}",
                     io_thread=False,
                 )
-            out = sys.stdout if self.args.outfile == "-" else open(self.args.outfile, "w")  # noqa: SIM115, ASYNC230
             try:
-                return await self._drive(out)
+                return await self._drive()
             finally:
-                if out is not sys.stdout:
-                    out.close()
                 if self.events is not self.queues:
                     await self.events.close()
         finally:
@@ -428,25 +299,10 @@ class WorkflowRun:
         """Which queue takes the events, which give outputs, and the pipeline order."""
         consumed = {q for td in created.task_directives for q in td.input_queues}
         produced = {q for td in created.task_directives for q in td.output_queues}
-        by_alias = {q.alias: q for q in created.queues}
-        public = [q for q in created.queues if q.public]
-        if self.args.in_queue:
-            if self.args.in_queue not in by_alias:
-                raise UsageError(
-                    f"--in-queue {self.args.in_queue!r}: the workflow has no such queue"
-                )
-            entry = by_alias[self.args.in_queue]
-        else:
-            entries = [q for q in public if q.queue_id in consumed and q.queue_id not in produced]
-            if len(entries) != 1:
-                names = ", ".join(q.alias for q in entries) or "none"
-                raise UsageError(
-                    f"the workflow needs exactly one public input queue for --in (found: {names}); "
-                    "name it with --in-queue"
-                )
-            entry = entries[0]
+        self.alias_of = {q.queue_id: q.alias for q in created.queues}
+        entry = next(q for q in created.queues if q.alias == self.in_alias)
         self.input = entry
-        self.outputs = [q for q in public if q.queue_id in produced and q.queue_id not in consumed]
+        self.outputs = [q for q in created.queues if q.public and q.queue_id in produced - consumed]
         # Pipeline order: the input, then each task's outputs after its inputs.
         order = [entry.queue_id]
         frontier = [entry.queue_id]
@@ -462,7 +318,7 @@ class WorkflowRun:
         output_ids = {q.queue_id for q in self.outputs}
         self.internal = [q for q in order if q not in output_ids]
 
-    async def _drive(self, out: IO[str]) -> int:
+    async def _drive(self) -> int:
         events = [
             queue_pb2.Event(
                 payload=line.payload,
@@ -470,14 +326,25 @@ class WorkflowRun:
             )
             for line in self.lines
         ]
-        tasks = [asyncio.create_task(self._collect(q.queue_id, out)) for q in self.outputs]
+        tasks = [asyncio.create_task(self._collect(q.queue_id)) for q in self.outputs]
         tasks.append(asyncio.create_task(self._watch()))
         tasks.append(asyncio.create_task(self._checker()))
         for task in tasks:
             task.add_done_callback(self._ended)
         interrupted = False
         try:
-            await self.events.publish(self.input.queue_id, events)
+            try:
+                ids = await self.events.publish(self.input.queue_id, events)
+            except QueueError as exc:
+                self.failure = f"publishing the events failed: {exc}"
+                raise CommandError(
+                    f"{self.workflow_id}: {self.failure}; the workflow was aborted",
+                    2 if isinstance(exc, EventTooLarge) else 1,
+                ) from None
+            self.line_of = {
+                event_id: line.number for event_id, line in zip(ids, self.lines, strict=True)
+            }
+            self.published.set()
             self.check_wanted.set()
             self._draw()
             await self.done.wait()
@@ -519,36 +386,78 @@ class WorkflowRun:
                 file=sys.stderr,
             )
             return EXIT_WMS_UNREACHABLE
-        dead = await self._dead_letters()
-        summary = (
-            f"{self.workflow_id}: {len(events)} event(s) in, {self.outputs_written} output(s) "
-            f"written, {sum(len(d) for d in dead.values())} dead-lettered"
+        return await self._report()
+
+    async def _report(self) -> int:
+        """Close --out, print the summary and, when anything failed, why; the exit code."""
+        if not self.failure:
+            # A settled run's results replace the old ones, even when there are none.
+            try:
+                self.out.open()
+                self.out.close()
+            except OutputError as exc:
+                self.failure = str(exc)
+        else:
+            with contextlib.suppress(OutputError):
+                self.out.close()
+        outcome = run_report.RunOutcome(
+            workflow_id=self.workflow_id,
+            infile="stdin" if self.args.infile == "-" else self.args.infile,
+            n_events=len(self.lines),
+            outputs_written=self.outputs_written,
+            taskforces=list(self.view.taskforces.values()),
+            line_of=self.line_of,
         )
-        print(summary, file=sys.stderr)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            outcome.input_stats = await self.queues.stats(self.input.queue_id)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            outcome.dead_letters = await self._dead_letters()
+        print(run_report.summary(outcome), file=sys.stderr)
         if self.failure:
             print(f"error: {self.failure}", file=sys.stderr)
-        if dead:
+        failed = bool(outcome.n_dead or self.failure)
+        if failed:
+            errors = run_report.task_errors(outcome)
+            if errors:
+                print("task errors:", file=sys.stderr)
+                for line in errors:
+                    print(line, file=sys.stderr)
+        if outcome.dead_letters:
             print("dead-lettered events:", file=sys.stderr)
-            for queue_id, letters in dead.items():
-                for d in letters[:MAX_LISTED_DEAD_LETTERS]:
-                    error = d.last_error.strip().splitlines()[-1] if d.last_error.strip() else ""
-                    print(f"  {queue_id} {d.event.event_id}: {error[:200]}", file=sys.stderr)
-                if len(letters) > MAX_LISTED_DEAD_LETTERS:
-                    print(
-                        f"  ... and {len(letters) - MAX_LISTED_DEAD_LETTERS} more in {queue_id}",
-                        file=sys.stderr,
-                    )
-        return 1 if dead or self.failure else 0
+            for line in run_report.dead_letter_list(outcome):
+                print(line, file=sys.stderr)
+            rerun = self._write_rerun_file(outcome)
+            if rerun is not None:
+                print(
+                    f"their input lines are in {rerun}: fix the task, then run just them with "
+                    f"--in {rerun}",
+                    file=sys.stderr,
+                )
+        return 1 if failed else 0
 
-    async def _collect(self, queue_id: str, out: IO[str]) -> None:
+    def _write_rerun_file(self, outcome: run_report.RunOutcome) -> Path | None:
+        """The input lines of the dead-lettered events, as a file to run again."""
+        numbers = set(outcome.dead_lines())
+        if self.run_dir is None or not numbers:
+            return None
+        path = self.run_dir / ("dead-lettered.txt" if self.args.text else "dead-lettered.jsonl")
+        try:
+            with path.open("wb") as f:
+                for line in self.lines:
+                    if line.number in numbers:
+                        f.write(line.payload + b"\n")
+        except OSError:
+            return None
+        return path
+
+    async def _collect(self, queue_id: str) -> None:
         sub = await self.events.subscribe(queue_id, OUTPUT_PREFETCH)
         async with sub:
             async for delivery in sub:
                 event = delivery.event
                 if event.event_id not in self.seen:
                     self.seen.add(event.event_id)
-                    out.write(self._line(event))
-                    out.flush()
+                    self.out.write(self._line(event))
                     self.outputs_written += 1
                 await sub.ack(delivery)
                 self.check_wanted.set()
@@ -563,12 +472,15 @@ class WorkflowRun:
         if exc is None:
             self.check_wanted.set()  # the watch ended: the workflow is done, one way or another
             return
-        if isinstance(exc, grpc.aio.AioRpcError):
-            text = f"{exc.code().name}: {exc.details()}"
+        if isinstance(exc, OutputError):
+            self.failure = f"{exc}; the workflow was aborted"
         else:
-            text = str(exc) or type(exc).__name__
-        self.failure = f"lost the WMS at {self.address} ({text})"
-        self.lost = True
+            if isinstance(exc, grpc.aio.AioRpcError):
+                text = f"{exc.code().name}: {exc.details()}"
+            else:
+                text = str(exc) or type(exc).__name__
+            self.failure = f"lost the WMS at {self.address} ({text})"
+            self.lost = True
         self.done.set()
 
     def _line(self, event: queue_pb2.Event) -> str:
@@ -598,6 +510,7 @@ class WorkflowRun:
         # growing pause while nothing else happens.
         # Checks are at most CHECK_INTERVAL apart: outputs come by the thousand, and each check
         # costs a call per queue.
+        await self.published.wait()
         pause = RECHECK_FIRST
         last = 0.0
         while True:
@@ -617,8 +530,8 @@ class WorkflowRun:
             # Workers gone, queues quiet: the counts may only lag, so QUIET_SETTLED decides.
             if self.view.all_terminal() and self.quiet_since is None:
                 self.failure = (
-                    "every worker has ended but "
-                    f"{len(self.lines) - self.settled_inputs} input event(s) are not done"
+                    f"every worker has ended but {self.unsettled_inputs} input event(s) are not "
+                    "done"
                 )
                 self.done.set()
                 return
@@ -627,18 +540,25 @@ class WorkflowRun:
         """Whether every queue, in pipeline order, has nothing ready or in flight and every
         event it got is acked or dead-lettered (or, since `acked` may fall short on RabbitMQ,
         nothing was ready or in flight at any check for QUIET_SETTLED); the outputs all
-        written."""
+        written. Counts the settled inputs on the way."""
         counted = True
+        quiet = True
         for i, queue_id in enumerate([*self.internal, *(q.queue_id for q in self.outputs)]):
             s = await self.queues.stats(queue_id)
-            if s.ready or s.in_flight:
-                self.quiet_since = None
-                return False
             settled = s.acked + s.dead_lettered
             if i == 0:
-                self.settled_inputs = int(settled)
+                # Every event was published before the first check, so whatever is neither
+                # waiting nor running is settled, even while `acked` lags (RabbitMQ).
+                self.unsettled_inputs = int(s.ready + s.in_flight)
+                self.settled_inputs = int(max(settled, len(self.lines) - self.unsettled_inputs))
                 counted = settled >= len(self.lines)
+            if s.ready or s.in_flight:
+                quiet = False
+                break
             counted = counted and settled >= s.published
+        if not quiet:
+            self.quiet_since = None
+            return False
         if counted:
             return True
         now = time.monotonic()
@@ -655,7 +575,8 @@ class WorkflowRun:
         return True
 
     async def _wait_stopped(self) -> None:
-        """After finishing: until every taskforce is terminal (its workers gone)."""
+        """After finishing: until every taskforce is terminal (its workers gone); the view then
+        holds the taskforces' final counters and errors."""
 
         async def until_terminal() -> None:
             view = WorkflowView()
@@ -663,16 +584,18 @@ class WorkflowRun:
                 WS.WatchWorkflowRequest(workflow_id=self.workflow_id), metadata=self.metadata
             ):
                 view.apply(msg)
+                self.view = view
                 if view.all_terminal():
                     return
 
         with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
             await asyncio.wait_for(until_terminal(), FINISH_TIMEOUT)
 
-    async def _dead_letters(self) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {}
+    async def _dead_letters(self) -> dict[str, list[queue_pb2.DeadLetter]]:
+        """Every queue's dead letters, by its alias, in pipeline order."""
+        out: dict[str, list[queue_pb2.DeadLetter]] = {}
         for queue_id in self.internal:
-            letters: list[Any] = []
+            letters: list[queue_pb2.DeadLetter] = []
             token = ""
             while True:
                 page = await self.queues.stub.ListDeadLetters(
@@ -684,7 +607,7 @@ class WorkflowRun:
                 if not token:
                     break
             if letters:
-                out[queue_id] = letters
+                out[self.alias_of.get(queue_id, queue_id)] = letters
         return out
 
     def _draw(self, *, force: bool = False) -> None:

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from services.auth import Role, TokenAuthority, load_or_create_secret
+from services.cli.options import Parents
 from services.config import default_data_dir
 
 _DURATION = re.compile(r"^(\d+)([smhdw]?)$")
@@ -21,14 +22,14 @@ def duration(text: str) -> int:
     return int(match.group(1)) * _SECONDS[match.group(2)]
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: Any, parents: Parents) -> None:
     """Register ``token create``."""
     tok = sub.add_parser("token", help="mint tokens (on the WMS's machine)").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
     p = tok.add_parser(
         "create",
-        parents=[common],
+        parents=[parents.data_dir],
         help="mint a token signed with the WMS's secret in its data directory",
     )
     p.add_argument("--role", required=True, choices=[r.value for r in Role])

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from ewms.v1 import queue_pb2, taskforce_pb2, workflow_pb2, workflow_service_pb2
+from services.cli import workflow_json
 from services.cli.connection import Connection
+from services.cli.options import positive_int
 from services.cli.render import (
     enum_label,
     print_fields,
@@ -102,7 +104,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_limit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument(
+        "--limit", type=positive_int, default=100, help="at most this many (default 100)"
+    )
     p.add_argument("--all", action="store_true", help="every match, page after page")
 
 
@@ -147,10 +151,13 @@ def read_request(path: str) -> WS.CreateWorkflowRequest:
             f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
     try:
-        return json_format.ParseDict(data, WS.CreateWorkflowRequest())
-    except json_format.ParseError as exc:
-        # protobuf appends a second line listing the fields in camelCase; the first says it all.
-        raise UsageError(f"{path}: {str(exc).splitlines()[0]}") from None
+        return workflow_json.parse(data, WS.CreateWorkflowRequest())
+    except workflow_json.JsonProblems as exc:
+        n = len(exc.problems)
+        # main() prints "error: " before the first line; the indented lines list the problems.
+        lines = [f"{path}: {n} problem{'' if n == 1 else 's'} in the workflow request"]
+        lines += [f"  {problem}" for problem in exc.problems]
+        raise UsageError("\n".join(lines)) from None
 
 
 def submit(conn: Connection, args: Any) -> None:
@@ -307,6 +314,27 @@ def get_taskforce(conn: Connection, args: Any) -> None:
             ("cluster_id", tf.cluster_id or "-"),
             ("created", when(tf.timestamp)),
         ]
+    )
+    c = tf.counters
+    print("\nworkers:")
+    print_table(
+        ["JOB_STATE", "HOLD_REASON", "PILOT_PHASE", "COUNT"],
+        [
+            (
+                enum_label(taskforce_pb2.JobState.Name(s.job_state), "JOB_STATE_"),
+                s.hold_reason or "-",
+                enum_label(taskforce_pb2.PilotPhase.Name(s.pilot_phase), "PILOT_PHASE_"),
+                s.count,
+            )
+            for s in tf.compound_statuses
+        ],
+    )
+    print("\ncounters:")
+    print_fields([(name, getattr(c, name)) for name in c.DESCRIPTOR.fields_by_name])
+    print("\ntop task errors (workers whose last error it is):")
+    print_table(
+        ["WORKERS", "ERROR"],
+        sorted(((n, error) for error, n in tf.top_task_errors.items()), reverse=True),
     )
     print("\nphase changes:")
     print_table(

@@ -25,6 +25,12 @@ Phase = taskforce_pb2.TaskforcePhase
 RUN_TIMEOUT = 180
 
 
+@pytest.fixture(autouse=True)
+def run_dirs_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed run keeps its directory in $TMPDIR: here, the test's own."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def run_example(
     name: str, infile: str, tmp_path: Path, backend: str, *extra: str
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
@@ -58,8 +64,10 @@ def test_text_transform(tmp_path: Path, backend: str) -> None:
     proc, out = run_example("text-transform", "events.txt", tmp_path, backend, "--text")
     events = text_lines(EXAMPLES / "text-transform" / "events.txt")
     assert sorted(text_lines(out)) == sorted(e.upper() for e in events)
-    assert f"{len(events)} event(s) in, {len(events)} output(s) written, 0 dead-lettered" in (
-        proc.stderr
+    n = len(events)
+    assert (
+        f"{n} event(s) in: {n} done, 0 dead-lettered, 0 not settled; {n} output(s) written\n"
+        in (proc.stderr)
     )
 
 
@@ -112,7 +120,9 @@ def test_dead_lettered_events_make_the_run_fail_and_are_listed(tmp_path: Path) -
         timeout=RUN_TIMEOUT,
     )
     assert proc.returncode == 1, proc.stderr
-    assert "1 output(s) written, 1 dead-lettered" in proc.stderr
+    assert "2 event(s) in: 1 done, 1 dead-lettered, 0 not settled; 1 output(s) written" in (
+        proc.stderr
+    )
     assert "dead-lettered events:" in proc.stderr
     assert "KeyError" in proc.stderr
     assert len(text_lines(tmp_path / "out.jsonl")) == 1
