@@ -8,6 +8,8 @@ Exit codes: 0 success; 1 unexpected error; 2 bad input (usage, unreadable or inv
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -89,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CODES[grpc.StatusCode.UNAVAILABLE]
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing more to say, as other Unix tools.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- Python's own flush at exit
+        return 141
     except Exception:
         traceback.print_exc()
         print(
