@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ewms.v1 import queue_pb2, taskforce_pb2
+from services.pilot.failures import first_line
 
 MAX_LISTED_DEAD_LETTERS = 20
 MAX_ERROR_GROUPS = 10
@@ -58,9 +59,10 @@ def _cut(text: str) -> str:
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 1] + "…"
 
 
-def first_line(error: str) -> str:
-    """An error's summary: its first non-empty line (the rest is the end of the task's stderr)."""
-    return next((ln.strip() for ln in error.splitlines() if ln.strip()), "(no error text)")
+def summary_of(error: str) -> str:
+    """An error's summary as the pilot reports it (so it matches ``top_task_errors`` keys); the
+    rest of the text is the end of the task's stderr."""
+    return first_line(error).strip() or "(no error text)"
 
 
 def _rest(error: str) -> list[str]:
@@ -90,7 +92,7 @@ def task_errors(o: RunOutcome) -> list[str]:
     groups: dict[str, list[queue_pb2.DeadLetter]] = {}
     for letters in o.dead_letters.values():
         for d in letters:
-            groups.setdefault(first_line(d.last_error), []).append(d)
+            groups.setdefault(summary_of(d.last_error), []).append(d)
     out: list[str] = []
     ranked = sorted(groups.items(), key=lambda item: -len(item[1]))
     for error, letters in ranked[:MAX_ERROR_GROUPS]:
@@ -106,7 +108,7 @@ def task_errors(o: RunOutcome) -> list[str]:
     workers: Counter[str] = Counter()
     for tf in o.taskforces:
         for error, n in tf.top_task_errors.items():
-            workers[first_line(error)] += n
+            workers[summary_of(error)] += n
     for error, n in workers.most_common():
         if error not in groups:
             out.append(f"  last error of {n} worker(s): {_cut(error)}")
@@ -132,7 +134,7 @@ def dead_letter_list(o: RunOutcome) -> list[str]:
             where = o.origin(d.event)
             out.append(
                 f"  {where + ' ' if where else ''}{d.event.event_id} ({label}, attempt "
-                f"{d.event.attempt}): {_cut(first_line(d.last_error))}"
+                f"{d.event.attempt}): {_cut(summary_of(d.last_error))}"
             )
         if len(letters) > MAX_LISTED_DEAD_LETTERS:
             out.append(f"  ... and {len(letters) - MAX_LISTED_DEAD_LETTERS} more in {label}")
