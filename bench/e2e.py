@@ -318,7 +318,7 @@ async def delete_rabbitmq_leftovers(data_dir: Path) -> int:
     """Delete the RabbitMQ user, queues and exchange of every workflow in the store of
     ``data_dir`` whose queues are not marked deleted (``ewms run`` leaves them: see the README).
     Returns how many workflows were cleaned."""
-    from services.wms.rabbitmq_broker import RabbitBroker
+    from services.wms.queues.rabbitmq import RabbitBroker
     from services.wms.store import QUEUES, Store
 
     if not (data_dir / "wms.sqlite3").exists():

@@ -97,7 +97,7 @@ async def delete_rabbitmq_workflows(
     workflows the run created."""
     if not workflows:
         return
-    from services.wms.rabbitmq_broker import RabbitBroker
+    from services.wms.queues.rabbitmq import RabbitBroker
 
     broker = await RabbitBroker.connect(RABBITMQ_URL, RABBITMQ_MANAGEMENT_URL)
     try:

@@ -241,7 +241,7 @@ async def delete_rabbitmq_queues(queues: list[queue_pb2.Queue]) -> None:
     "out" queues too: every queue of the workflow shares its id prefix)."""
     if not queues:
         return
-    from services.wms.rabbitmq_broker import RabbitBroker
+    from services.wms.queues.rabbitmq import RabbitBroker
 
     broker = await RabbitBroker.connect(RABBITMQ_URL, RABBITMQ_MANAGEMENT_URL)
     try:

@@ -28,14 +28,14 @@ from ewms.v1 import (
 from services.auth import TokenAuthority, ensure_admin_token, load_or_create_secret
 from services.config import WmsSettings
 from services.wms.auth_interceptor import AuthInterceptor
-from services.wms.brokers import Broker
-from services.wms.embedded_broker import EmbeddedBroker
-from services.wms.events import EventService
-from services.wms.pilots import PilotRegistry, PilotService
-from services.wms.queues import BACKENDS, QueueManager, public_amqp_address
+from services.wms.control.pilots import PilotRegistry, PilotService
+from services.wms.control.tms import Dispatcher, DispatchSettings, TaskManagerService
+from services.wms.control.watch import WatchHub
+from services.wms.queues.broker import Broker
+from services.wms.queues.embedded import EmbeddedBroker
+from services.wms.queues.event_service import EventService
+from services.wms.queues.manager import BACKENDS, QueueManager, public_amqp_address
 from services.wms.store import Store
-from services.wms.tms import Dispatcher, DispatchSettings, TaskManagerService
-from services.wms.watch import WatchHub
 from services.wms.workflows import WorkflowService
 
 log = structlog.get_logger(__name__)
@@ -103,7 +103,7 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
             queue_pb2.QUEUE_BACKEND_EMBEDDED: await EmbeddedBroker.open(store)
         }
         if settings.queue_backend == "rabbitmq":
-            from services.wms.rabbitmq_broker import RabbitBroker
+            from services.wms.queues.rabbitmq import RabbitBroker
 
             brokers[queue_pb2.QUEUE_BACKEND_RABBITMQ] = await RabbitBroker.open(settings)
         queues = QueueManager(

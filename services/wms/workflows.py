@@ -27,10 +27,12 @@ from services.errors import (
     grpc_errors,
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS
+from services.wms.control.phases import log_phase, now_ts
+from services.wms.control.pilots import PilotRegistry, deactivation_command
+from services.wms.control.tms import Dispatcher
+from services.wms.control.watch import WatchHub
 from services.wms.pagination import page_of
-from services.wms.phases import log_phase, now_ts
-from services.wms.pilots import PilotRegistry, deactivation_command
-from services.wms.queues import QueueManager
+from services.wms.queues.manager import QueueManager
 from services.wms.store import (
     QUEUES,
     TASK_DIRECTIVES,
@@ -41,13 +43,11 @@ from services.wms.store import (
     Table,
     Tx,
 )
-from services.wms.tms import Dispatcher
 from services.wms.validation import (
     MAX_WORKFLOW_PRIORITY,
     require_fields,
     validate_create_workflow,
 )
-from services.wms.watch import WatchHub
 
 Phase = taskforce_pb2.TaskforcePhase
 Ctx = Any  # grpc.aio.ServicerContext; grpc ships no type information

@@ -19,7 +19,7 @@ from ewms.v1 import queue_pb2
 from services import ids
 from services.events import wire
 from services.events.amqp import AmqpConnection, AmqpQueueClient
-from services.wms.rabbitmq_admin import RabbitAdmin
+from services.wms.queues.rabbitmq_admin import RabbitAdmin
 from tests.conftest import RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL, require_rabbitmq
 
 HEARTBEAT = 1

@@ -19,7 +19,7 @@ from ewms.v1 import event_service_pb2, queue_pb2, workflow_service_pb2
 from services.errors import field_violations
 from services.events.amqp import AmqpQueueClient
 from services.events.client import EventTooLarge, QueueAccessDenied, QueueNotFound, Subscription
-from services.wms.rabbitmq_admin import RabbitAdmin
+from services.wms.queues.rabbitmq_admin import RabbitAdmin
 from tests.conftest import RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL
 from tests.events.conftest import (
     MAX_ATTEMPTS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.wms import embedded_broker
+from services.wms.queues import embedded as embedded_broker
 from tests.events.conftest import close_env, open_env
 from tests.events.test_conformance import make_events, receive_all, stats_until
 

@@ -18,9 +18,9 @@ from services import ids
 from services.events import wire
 from services.events.amqp import AmqpQueueClient, AmqpSubscription, OutMessage
 from services.events.client import EventTooLarge, QueueAccessDenied, QueueError, QueueNotFound
-from services.wms.brokers import UnknownAckId
-from services.wms.rabbitmq_admin import workflow_permissions
-from services.wms.rabbitmq_broker import RabbitBroker, delivery_limit_error
+from services.wms.queues.broker import UnknownAckId
+from services.wms.queues.rabbitmq import RabbitBroker, delivery_limit_error
+from services.wms.queues.rabbitmq_admin import workflow_permissions
 from tests.conftest import RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL, require_rabbitmq
 
 WAIT = 10.0  # seconds to wait for something that should happen at once

@@ -22,7 +22,7 @@ from services.pilot.hyperflow import (
     ReceivedEvent,
     routing_key,
 )
-from services.wms.rabbitmq_admin import RabbitAdmin
+from services.wms.queues.rabbitmq_admin import RabbitAdmin
 from tests.conftest import RABBITMQ_MANAGEMENT_URL, RABBITMQ_URL, ROOT, require_rabbitmq
 
 WAIT = 15.0  # seconds to wait for something that should happen at once

@@ -17,7 +17,7 @@ from ewms.v1 import event_service_pb2, queue_pb2, taskforce_pb2
 from services.events.amqp import AmqpConnection
 from services.pilot.hyperflow import EventsSubscription, declare_exchange
 from services.wms import start_wms
-from services.wms.pilots import ChangeKind, PilotChange
+from services.wms.control.pilots import ChangeKind, PilotChange
 from tests.conftest import RABBITMQ_URL
 from tests.events.conftest import settings_for
 from tests.pilot.conftest import PilotEnv, wait_for

@@ -26,7 +26,7 @@ from services.auth import Role
 from services.pilot.status import MAX_EVENTS_PER_MESSAGE, StatusReporter
 from services.wms import RunningWms
 from services.wms.auth_interceptor import AuthInterceptor
-from services.wms.pilots import ChangeKind, PilotChange, PilotService
+from services.wms.control.pilots import ChangeKind, PilotChange, PilotService
 from tests.conftest import bearer
 from tests.wms.requests import workflow_request
 

@@ -19,7 +19,7 @@ from services.pilot.failures import ContainerRunError, TaskTimeoutError
 from services.pilot.runner import run
 from services.pilot.runtimes import Launch
 from services.pilot.spawner import Spawner
-from services.wms.pilots import PilotChange
+from services.wms.control.pilots import PilotChange
 from tests.pilot.conftest import PilotEnv, wait_for
 from tests.wms.requests import minimal_task, parse, workflow_json
 

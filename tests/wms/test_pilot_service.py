@@ -20,7 +20,7 @@ from ewms.v1 import (
 from services.auth import Role
 from services.errors import field_violations
 from services.wms import RunningWms, start_wms
-from services.wms.pilots import RECENT_TASK_EVENTS, ChangeKind, PilotChange, PilotState
+from services.wms.control.pilots import RECENT_TASK_EVENTS, ChangeKind, PilotChange, PilotState
 from tests.conftest import bearer, wms_settings
 from tests.wms.helpers import PilotStream, eventually
 from tests.wms.requests import minimal_task, workflow_request

@@ -15,8 +15,8 @@ from google.protobuf import timestamp_pb2
 from ewms.v1 import task_manager_service_pb2, taskforce_pb2, workflow_service_pb2
 from services.auth import Principal, Role
 from services.errors import field_violations
-from services.wms import tms as tms_module
-from services.wms.tms import failures
+from services.wms.control import tms as tms_module
+from services.wms.control.tms import failures
 from tests.wms.helpers import (
     RETRIES,
     RETRY_DELAY,

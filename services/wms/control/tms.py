@@ -42,10 +42,10 @@ from ewms.v1 import (
 from services.auth import Role, TokenAuthority, current_principal
 from services.config import ClusterLocations
 from services.errors import ApiError, InvalidArgument, PermissionDenied, grpc_errors
-from services.wms.phases import log_phase
-from services.wms.pilots import PilotChange, PilotRegistry, PilotState, rollup
+from services.wms.control.phases import log_phase
+from services.wms.control.pilots import PilotChange, PilotRegistry, PilotState, rollup
+from services.wms.control.streams import Outbox
 from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, Store, Tx
-from services.wms.streams import Outbox
 from services.wms.validation import Violations
 
 log = structlog.get_logger(__name__)

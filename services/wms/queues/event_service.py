@@ -33,9 +33,9 @@ from services.errors import (
     grpc_errors,
 )
 from services.events.client import RESERVED_HEADER_PREFIX
-from services.wms.brokers import UnknownAckId
 from services.wms.pagination import page_of
-from services.wms.queues import QueueManager
+from services.wms.queues.broker import UnknownAckId
+from services.wms.queues.manager import QueueManager
 from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, WORKFLOWS, Store, Tx
 from services.wms.validation import require_fields
 

@@ -1,4 +1,4 @@
-"""The RabbitMQ queue backend of the WMS (the ``Broker`` protocol of ``services/wms/brokers.py``).
+"""The RabbitMQ queue backend of the WMS (the ``Broker`` protocol of ``queues/broker.py``).
 
 Topology per workflow (names from :mod:`services.events.wire`): one durable direct exchange
 ``E-<workflow part>``; per queue a durable quorum queue ``<queue id>`` bound with its own name, with
@@ -6,7 +6,7 @@ Topology per workflow (names from :mod:`services.events.wire`): one durable dire
 ``x-overflow=reject-publish``) through the exchange into ``<queue id>.dead``, a durable classic
 queue bound with its own name (classic keeps requeued messages in their original order, which
 listing dead letters relies on). The workflow's user may publish through its exchange and consume
-its queues (``services/wms/rabbitmq_admin.py``).
+its queues (``services/wms/queues/rabbitmq_admin.py``).
 
 The WMS's own traffic goes through one :class:`~services.events.amqp.AmqpQueueClient` with the admin
 credentials (reconnected on the next call if the connection was lost): gRPC subscriptions are its
@@ -43,8 +43,8 @@ from services.events.amqp import (
     timestamp_ns,
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_EVENT_BYTES, QueueError
-from services.wms.brokers import UnknownAckId
-from services.wms.rabbitmq_admin import RabbitAdmin
+from services.wms.queues.broker import UnknownAckId
+from services.wms.queues.rabbitmq_admin import RabbitAdmin
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ import structlog
 
 from ewms.v1 import queue_pb2, taskforce_pb2, workflow_pb2, workflow_service_pb2
 from services.errors import NotFound
-from services.wms.queues import QueueManager
+from services.wms.queues.manager import QueueManager
 from services.wms.store import QUEUES, TASKFORCES, WORKFLOWS, Store, Tx
 
 log = structlog.get_logger(__name__)

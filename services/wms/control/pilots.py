@@ -33,8 +33,8 @@ from ewms.v1 import (
 )
 from services.auth import Role, current_principal
 from services.errors import ApiError, InvalidArgument, NotFound, PermissionDenied, grpc_errors
+from services.wms.control.streams import Outbox
 from services.wms.store import TASKFORCES, WORKFLOWS, Store, Tx
-from services.wms.streams import Outbox
 from services.wms.validation import Violations
 
 log = structlog.get_logger(__name__)

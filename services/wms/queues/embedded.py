@@ -39,7 +39,7 @@ from google.protobuf import timestamp_pb2
 
 from ewms.v1 import queue_pb2
 from services.events.client import DEFAULT_MAX_ATTEMPTS, Subscription
-from services.wms.brokers import UnknownAckId
+from services.wms.queues.broker import UnknownAckId
 from services.wms.store import Store, Tx
 
 log = structlog.get_logger(__name__)
@@ -263,7 +263,7 @@ class _Queue:
 
 
 class EmbeddedBroker:
-    """Queues in the WMS's SQLite store (implements ``services.wms.brokers.Broker``)."""
+    """Queues in the WMS's SQLite store (implements ``services.wms.queues.broker.Broker``)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from ewms.v1 import queue_pb2, workflow_pb2
 from services.errors import FailedPrecondition
-from services.wms.brokers import Broker
+from services.wms.queues.broker import Broker
 from services.wms.store import QUEUES, Store, Tx
 
 log = structlog.get_logger(__name__)

@@ -1,5 +1,5 @@
 """What ``EventService`` needs from a queue backend. Two implement it: the embedded broker
-(``services/wms/embedded_broker.py``, SQLite) and RabbitMQ (``services/wms/rabbitmq_broker.py``).
+(``services/wms/queues/embedded.py``, SQLite) and RabbitMQ (``services/wms/queues/rabbitmq.py``).
 
 Access control, validation and the workflow's state are checked by ``EventService`` before a broker
 is called; brokers deal with events only. ``queue`` arguments are the stored ``Queue`` messages.

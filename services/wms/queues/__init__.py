@@ -1,0 +1,2 @@
+"""The WMS's event queues: the broker protocol, the embedded and RabbitMQ brokers, the RabbitMQ
+admin, the queue manager and EventService."""
