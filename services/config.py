@@ -12,6 +12,9 @@ from pathlib import Path
 import platformdirs
 
 DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_ORIGINAL_BASE_PATH = "/original"
+DEFAULT_AUTH_ROLE_CLAIM = "realm_access.roles"
 DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
@@ -109,6 +112,15 @@ DEFAULT_TMS_ACTION_RETRIES = 2
 DEFAULT_TMS_RETRY_DELAY = 10.0
 
 
+def _base_path(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip() or DEFAULT_ORIGINAL_BASE_PATH
+    if not value.startswith("/") or value == "/" or value.endswith("/") or "//" in value:
+        raise ConfigError(
+            f"{name} must be a path like /original (no trailing slash), got {value!r}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class WmsSettings:
     """Settings of the WMS process."""
@@ -138,6 +150,20 @@ class WmsSettings:
     tms_retry_delay: float = DEFAULT_TMS_RETRY_DELAY
     # Where pilots reach the WMS ("host:port"); empty: this host and the bound port.
     public_address: str = ""
+    # The HTTP face (REST gateway, OpenAPI, the original's dialect, health, metrics). Built in code
+    # the default is any free port, so test and embedded WMSs never collide; EWMS_HTTP_PORT
+    # defaults to 8080.
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    # Base path of the original EWMS's REST dialect (its clients' base URL ends with this).
+    original_base_path: str = DEFAULT_ORIGINAL_BASE_PATH
+    # External OIDC identity provider (e.g. Keycloak); empty issuer: only the WMS's own tokens.
+    auth_issuer: str = ""
+    auth_audience: str = ""
+    # JWKS URL; empty: discovered from the issuer's /.well-known/openid-configuration.
+    auth_jwks_url: str = ""
+    # Dotted path of the claim holding the caller's roles (Keycloak realm roles by default).
+    auth_role_claim: str = DEFAULT_AUTH_ROLE_CLAIM
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WmsSettings:
@@ -169,6 +195,13 @@ class WmsSettings:
                 env, "EWMS_TMS_RETRY_DELAY", int(DEFAULT_TMS_RETRY_DELAY), 0, 3600
             ),
             public_address=env.get("EWMS_WMS_PUBLIC_ADDRESS", "").strip(),
+            http_host=env.get("EWMS_HTTP_HOST", "").strip() or "127.0.0.1",
+            http_port=_int(env, "EWMS_HTTP_PORT", DEFAULT_HTTP_PORT, 0, 65535),
+            original_base_path=_base_path(env, "EWMS_HTTP_ORIGINAL_BASE"),
+            auth_issuer=env.get("EWMS_AUTH_ISSUER", "").strip(),
+            auth_audience=env.get("EWMS_AUTH_AUDIENCE", "").strip(),
+            auth_jwks_url=env.get("EWMS_AUTH_JWKS_URL", "").strip(),
+            auth_role_claim=env.get("EWMS_AUTH_ROLE_CLAIM", "").strip() or DEFAULT_AUTH_ROLE_CLAIM,
         )
 
 

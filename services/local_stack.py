@@ -56,10 +56,14 @@ async def start_local_stack(
     settings: WmsSettings | None = None,
     slots: int | None = None,
     port: int = 0,
+    http_port: int | None = None,
 ) -> LocalStack:
     """Start a WMS on ``127.0.0.1:port`` (0: any free port) with its data in ``data_dir`` and a
-    local TMS with ``slots`` concurrent workers (default: the CPUs)."""
+    local TMS with ``slots`` concurrent workers (default: the CPUs). Its HTTP face listens on
+    ``http_port`` (default: the settings')."""
     base = settings or WmsSettings.from_env()
+    if http_port is not None:
+        base = replace(base, http_port=http_port)
     # Only the local TMS runs here, so "local" is the one location.
     locations = ClusterLocations((LOCAL_LOCATION,))
     wms = await start_wms(

@@ -197,7 +197,9 @@ async def _run(
             run_dir = Path(tempfile.mkdtemp(prefix="ewms-run-"))
             throwaway = True
         try:
-            stack = await start_local_stack(run_dir, slots=args.workers)
+            # Two runs at once never collide: any free HTTP port unless EWMS_HTTP_PORT says.
+            http_port = None if os.environ.get("EWMS_HTTP_PORT", "").strip() else 0
+            stack = await start_local_stack(run_dir, slots=args.workers, http_port=http_port)
         except BaseException:
             if throwaway:
                 shutil.rmtree(run_dir, ignore_errors=True)

@@ -29,6 +29,9 @@ def add_commands(sub: Any, parents: Parents) -> None:
     )
     p.add_argument("--port", type=int, help="gRPC port (default EWMS_GRPC_PORT or 50051; 0: any)")
     p.add_argument("--host", help="address to bind (default EWMS_GRPC_HOST or 127.0.0.1)")
+    p.add_argument(
+        "--http-port", type=int, help="HTTP port (default EWMS_HTTP_PORT or 8080; 0: any)"
+    )
     p.set_defaults(run=run_wms, needs_wms=False)
 
     tms = sub.add_parser("tms", help="run a TMS").add_subparsers(
@@ -73,6 +76,8 @@ def run_wms(args: Any) -> None:
         settings = replace(settings, grpc_port=args.port)
     if args.host:
         settings = replace(settings, grpc_host=args.host)
+    if args.http_port is not None:
+        settings = replace(settings, http_port=args.http_port)
     if args.data_dir:
         settings = replace(settings, data_dir=args.data_dir)
     configure_logging(settings.log_level)
@@ -159,7 +164,8 @@ def up_command(args: Any) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
         print(
-            f"ewms up: WMS at {stack.address}, data in {data_dir}, local TMS with "
+            f"ewms up: WMS at {stack.address}, HTTP at {stack.wms.http_url}, data in {data_dir}, "
+            "local TMS with "
             f"{args.workers or os.cpu_count()} worker slot(s); Ctrl-C stops",
             file=sys.stderr,
         )

@@ -51,31 +51,46 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service = handler_call_details.method.lstrip("/").partition("/")[0]
         if handler is None or service in OPEN_SERVICES:
             return handler
-        roles = SERVICE_ROLES.get(service, frozenset())
 
         async def authorize(context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
             try:
-                principal = self.authenticate(context.invocation_metadata() or ())
-                if principal.role not in roles and not principal.is_admin:
-                    allowed = ", ".join(sorted(r.value for r in roles)) or "admin"
-                    raise PermissionDenied(
-                        f"role {principal.role.value!r} may not call {service} (allowed: {allowed})"
-                    )
+                principal = await authorize_call(
+                    self._authority, service, bearer_of(context.invocation_metadata() or ())
+                )
             except ApiError as exc:
                 await context.abort_with_status(rpc_status.to_status(exc.to_status()))
             set_current_principal(principal)
 
         return _wrap(handler, authorize)
 
-    def authenticate(self, metadata: Any) -> Principal:
-        """The principal of the ``authorization: Bearer <token>`` metadata entry."""
-        for key, value in metadata:
-            if key == "authorization":
-                scheme, _, token = str(value).partition(" ")
-                if scheme.lower() != "bearer" or not token.strip():
-                    raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-                return self._authority.verify(token.strip())
-        raise Unauthenticated("missing bearer token in 'authorization' metadata")
+
+def bearer_of(metadata: Any) -> str | None:
+    """The ``authorization`` entry of gRPC metadata, if any."""
+    for key, value in metadata:
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+async def authorize_call(
+    authority: TokenAuthority, service: str, authorization: str | None
+) -> Principal:
+    """The verified caller of a call to ``service`` (a full service name), from its
+    ``Authorization`` value (``Bearer <token>``): the one check behind both doors, the gRPC
+    interceptor and the HTTP gateway. UNAUTHENTICATED or PERMISSION_DENIED otherwise."""
+    if authorization is None:
+        raise Unauthenticated("missing bearer token: send 'authorization: Bearer <token>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("authorization must be 'Bearer <token>'")
+    principal = authority.verify(token.strip())
+    roles = SERVICE_ROLES.get(service, frozenset())
+    if principal.role not in roles and not principal.is_admin:
+        allowed = ", ".join(sorted(r.value for r in roles)) or "admin"
+        raise PermissionDenied(
+            f"role {principal.role.value!r} may not call {service} (allowed: {allowed})"
+        )
+    return principal
 
 
 def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMethodHandler:

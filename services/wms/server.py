@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from services.wms.auth_interceptor import AuthInterceptor
 from services.wms.control.pilots import PilotRegistry, PilotService
 from services.wms.control.tms import Dispatcher, DispatchSettings, TaskManagerService
 from services.wms.control.watch import WatchHub
+from services.wms.http.server import HttpDeps, HttpServer, start_http
 from services.wms.queues.broker import Broker
 from services.wms.queues.embedded import EmbeddedBroker
 from services.wms.queues.event_service import EventService
@@ -70,16 +72,23 @@ class RunningWms:
     pilots: PilotRegistry
     dispatcher: Dispatcher
     hub: WatchHub
+    http: HttpServer
 
     @property
     def address(self) -> str:
         """``127.0.0.1:<port>``: where local clients reach it."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        """The base URL of the HTTP face (REST gateway, OpenAPI, health, metrics)."""
+        return self.http.url
+
     async def stop(self, grace: float | None = 5.0) -> None:
         """End the pilots' streams and commit their pending state, stop serving (in-flight RPCs
         get ``grace`` seconds), then close the store."""
         await self.health.enter_graceful_shutdown()
+        await self.http.stop()
         await self.dispatcher.close()
         # Pilot streams never finish by themselves: end them rather than wait out the grace.
         await self.pilots.close()
@@ -97,6 +106,8 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     queues: QueueManager | None = None
     pilots: PilotRegistry | None = None
     dispatcher: Dispatcher | None = None
+    http: HttpServer | None = None
+    started: grpc.aio.Server | None = None
     try:
         pilots = await PilotRegistry.open(store)
         brokers: dict[queue_pb2.QueueBackend.ValueType, Broker] = {
@@ -137,9 +148,8 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         task_manager_service_pb2_grpc.add_TaskManagerServiceServicer_to_server(
             TaskManagerService(dispatcher, settings.cluster_locations), server
         )
-        event_service_pb2_grpc.add_EventServiceServicer_to_server(
-            EventService(store, queues, settings.max_event_bytes), server
-        )
+        events = EventService(store, queues, settings.max_event_bytes)
+        event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -162,9 +172,26 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
             settings.grpc_host, port
         )
         await server.start()
+        started = server
         queues.start()
         dispatcher.start()
+        http = await start_http(
+            HttpDeps(
+                settings=settings,
+                authority=authority,
+                servicers={SERVING_SERVICES[0]: workflows, SERVING_SERVICES[1]: events},
+                store=store,
+                queues=queues,
+                pilots=pilots,
+                dispatcher=dispatcher,
+                hub=hub,
+            )
+        )
     except BaseException:
+        if http is not None:
+            await http.stop()
+        if started is not None:
+            await started.stop(0)
         if dispatcher is not None:
             await dispatcher.close()
         if pilots is not None:
@@ -179,13 +206,14 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         "wms listening",
         grpc_host=settings.grpc_host,
         grpc_port=port,
+        http_url=http.url,
         data_dir=str(settings.data_dir),
         admin_token_file=str(admin_token_path),
         cluster_locations=settings.cluster_locations.describe(),
         queue_backend=settings.queue_backend,
     )
     return RunningWms(
-        server, store, port, authority, health_servicer, queues, pilots, dispatcher, hub
+        server, store, port, authority, health_servicer, queues, pilots, dispatcher, hub, http
     )
 
 
@@ -199,6 +227,13 @@ def public_address(host: str, port: int) -> str:
 async def serve(settings: WmsSettings) -> None:
     """Run the WMS until SIGINT or SIGTERM, then stop gracefully."""
     wms = await start_wms(settings)
+    print(
+        f"ewms wms serve: gRPC at {settings.grpc_host}:{wms.port}, HTTP at {wms.http_url} "
+        f"(REST /v1, OpenAPI {wms.http_url}/v1/openapi.json, API page {wms.http_url}/docs, "
+        f"original API {wms.http_url}{settings.original_base_path}/v1); Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -206,6 +206,18 @@ class Store:
         self._conn.execute("COMMIT")
         return result
 
+    async def problems(self) -> list[str]:
+        """Why the store cannot serve now ([] when it can): for the readiness probe."""
+        if self._closed:
+            return ["store: closed"]
+        try:
+            await asyncio.wait_for(
+                self.run(lambda tx: tx.sql.execute("SELECT 1").fetchone(), write=False), 5.0
+            )
+        except Exception as exc:
+            return [f"store: {exc!r}"]
+        return []
+
     async def close(self) -> None:
         """Close the database and its thread; closing again does nothing."""
         if self._closed:

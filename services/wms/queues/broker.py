@@ -77,6 +77,10 @@ class Broker(Protocol):
         attempt count; returns how many moved."""
         ...
 
+    async def problem(self) -> str | None:
+        """Why this backend cannot serve now (None when it can): for the readiness probe."""
+        ...
+
     async def close(self) -> None:
         """Flush and release everything; open subscriptions end."""
         ...

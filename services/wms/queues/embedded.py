@@ -482,6 +482,10 @@ class EmbeddedBroker:
         assert fut is not None
         return len(await fut)
 
+    async def problem(self) -> str | None:
+        """None while open: its events live in the WMS's own store, checked on its own."""
+        return "closed" if self._closed else None
+
     async def close(self) -> None:
         """Commit what is pending; end subscriptions and the lease timer."""
         if self._closed:

@@ -64,6 +64,16 @@ class QueueManager:
         for broker in self._brokers.values():
             await broker.close()
 
+    async def problems(self) -> list[str]:
+        """Why any backend cannot serve now ([] when all can): for the readiness probe."""
+        found = []
+        for backend, broker in self._brokers.items():
+            problem = await broker.problem()
+            if problem:
+                name = queue_pb2.QueueBackend.Name(backend).removeprefix("QUEUE_BACKEND_").lower()
+                found.append(f"{name} queues: {problem}")
+        return found
+
     def broker(self, queue: queue_pb2.Queue) -> Broker:
         """The broker holding ``queue``."""
         broker = self._brokers.get(queue.backend)

@@ -451,6 +451,16 @@ class RabbitBroker:
         log.info("re-drove dead letters", queue_id=queue.queue_id, n=moved)
         return moved
 
+    async def problem(self) -> str | None:
+        """None when the AMQP connection is (or could be re-)opened and the management API
+        answers; else why not."""
+        try:
+            await asyncio.wait_for(self._live(), 10.0)
+            await asyncio.wait_for(self.admin.request("GET", "/api/overview"), 10.0)
+        except Exception as exc:
+            return str(exc) or repr(exc)
+        return None
+
     async def close(self) -> None:
         """Close the connection and its I/O thread; subscriptions end, leases go back."""
         self._closed = True
