@@ -1,11 +1,13 @@
-"""The README user's guide drives one workflow four ways; the Python-client and ``buf curl``
-blocks are run here against a real embedded WMS with a local TMS (the curl + jq block runs in
-``test_rest_script.py``)."""
+"""The README user's guide drives one workflow four ways; its ``ewms`` CLI, ``buf curl`` and
+Python-client blocks are taken from the README as written and run here against a real embedded WMS
+with a local TMS (the curl + jq script runs in ``test_rest_script.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -18,6 +20,23 @@ from tests.conftest import ROOT, wms_settings
 from tests.e2e.conftest import cli_env
 
 EXAMPLES = ROOT / "examples"
+GUIDE_ADDRESS = "127.0.0.1:50051"
+
+
+def readme_block(heading: str) -> str:
+    """The first ```sh block after ``heading`` in the README."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    match = re.search(r"```sh\n(.*?)```", text[start:], re.S)
+    assert match, f"no sh block after {heading!r}"
+    return match.group(1)
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed (CI installs it)")
+        pytest.skip(f"{tool} is not installed")
 
 
 @pytest.fixture
@@ -53,24 +72,31 @@ async def test_python_client_runs_the_text_transform_workflow(stack: LocalStack)
     assert lines[2].startswith("finished WF-")
 
 
-async def test_buf_curl_creates_the_workflow_through_reflection(stack: LocalStack) -> None:
-    buf = shutil.which("buf")
-    if buf is None:
-        pytest.skip("buf is not installed (pip install buf-bin)")
-    code, out, err = await run(
-        buf,
-        "curl",
-        "--protocol",
-        "grpc",
-        "--http2-prior-knowledge",
-        "-H",
-        f"authorization: Bearer {stack.token}",
-        "-d",
-        f"@{EXAMPLES / 'text-transform' / 'workflow.json'}",
-        f"http://{stack.address}/ewms.v1.WorkflowService/CreateWorkflow",
-        env=cli_env(),
-    )
+async def test_cli_block_runs_the_workflow(stack: LocalStack, tmp_path: Path) -> None:
+    need("jq")
+    script = readme_block("**1. The `ewms` CLI**")
+    env = cli_env(EWMS_WMS_ADDRESS=stack.address, EWMS_TOKEN=stack.token)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    code, out, err = await run("bash", "-euo", "pipefail", "-c", script, env=env)
     assert code == 0, err
-    created = json.loads(out)
+    payloads = sorted(
+        json.loads(line)["payload"] for line in out.splitlines() if line.startswith("{")
+    )
+    assert payloads == ["EVENT WORKFLOW", "HELLO"]
+    assert "finished: 1 taskforce(s) stopped" in out + err
+
+
+async def test_buf_curl_block_lists_services_and_creates_the_workflow(stack: LocalStack) -> None:
+    need("buf")
+    script = readme_block("**3. `buf curl` through reflection**").replace(
+        GUIDE_ADDRESS, stack.address
+    )
+    env = cli_env(EWMS_TOKEN=stack.token)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    code, out, err = await run("bash", "-euo", "pipefail", "-c", script, env=env)
+    assert code == 0, err
+    services, _, created_json = out.partition("{")
+    assert "ewms.v1.WorkflowService" in services.split()
+    created = json.loads("{" + created_json)
     assert created["workflow"]["workflowId"].startswith("WF-")
     assert sorted(q["alias"] for q in created["queues"]) == ["lines", "shouted"]
