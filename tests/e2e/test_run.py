@@ -4,9 +4,11 @@ memory holds and the location capacity, with the real WMS, TMS, pilots and tasks
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -69,6 +71,17 @@ def test_text_transform(tmp_path: Path, backend: str) -> None:
         f"{n} event(s) in: {n} done, 0 dead-lettered, 0 not settled; {n} output(s) written\n"
         in (proc.stderr)
     )
+
+
+def test_run_serves_http_on_a_free_port_while_8080_is_taken(tmp_path: Path) -> None:
+    # Hold the default HTTP port (or find it held already): a run must not need it.
+    holder = socket.socket()
+    with contextlib.suppress(OSError):
+        holder.bind(("127.0.0.1", 8080))
+        holder.listen()
+    with holder:
+        _, out = run_example("text-transform", "events.txt", tmp_path, "embedded", "--text")
+    assert len(text_lines(out)) == len(text_lines(EXAMPLES / "text-transform" / "events.txt"))
 
 
 def rabbitmq_users() -> set[str]:
