@@ -235,6 +235,9 @@ def _validate_worker_config(path: str, wc: taskforce_pb2.WorkerConfig, v: Violat
         )
     if wc.HasField("n_cores") and wc.n_cores < 1:
         v.add(f"{path}.n_cores", f"must be at least 1 (got {wc.n_cores})")
+    # Output only: whatever a client sent there is replaced by what it sent as the size itself.
+    wc.ClearField("worker_disk_as_sent")
+    wc.ClearField("worker_memory_as_sent")
     for field in ("worker_disk", "worker_memory"):
         value: struct_pb2.Value = getattr(wc, field)
         kind = value.WhichOneof("kind") if wc.HasField(field) else None  # type: ignore[arg-type]
@@ -251,4 +254,5 @@ def _validate_worker_config(path: str, wc: taskforce_pb2.WorkerConfig, v: Violat
         except ValueError as exc:
             v.add(f"{path}.{field}", str(exc))
             continue
+        getattr(wc, f"{field}_as_sent").CopyFrom(value)  # kept for the original dialect
         value.number_value = size

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
 from services.errors import field_violations
@@ -150,6 +151,29 @@ async def test_good_size_is_stored_in_bytes(
     resp = await accepted(workflows, alice, request)
 
     assert resp.taskforces[0].worker_config.worker_memory.number_value == size_bytes
+
+
+@pytest.mark.parametrize("size", ["512M", 536870912])
+async def test_size_is_also_kept_as_sent(workflows: Stub, alice: Metadata, size: Any) -> None:
+    request = workflow_request(
+        minimal_task(worker_config=worker_config(worker_disk=size, worker_memory=size))
+    )
+
+    wc = (await accepted(workflows, alice, request)).taskforces[0].worker_config
+
+    assert json_format.MessageToDict(wc.worker_disk_as_sent) == size
+    assert json_format.MessageToDict(wc.worker_memory_as_sent) == size
+    assert wc.worker_disk.number_value == wc.worker_memory.number_value == 536870912
+
+
+async def test_as_sent_sizes_in_a_request_are_ignored(workflows: Stub, alice: Metadata) -> None:
+    config = worker_config(worker_disk="1G", worker_disk_as_sent="1T", worker_memory_as_sent=7)
+    request = workflow_request(minimal_task(worker_config=config))
+
+    wc = (await accepted(workflows, alice, request)).taskforces[0].worker_config
+
+    assert wc.worker_disk_as_sent.string_value == "1G"
+    assert wc.worker_memory_as_sent.string_value == "512M"
 
 
 async def test_zero_n_workers_is_rejected(workflows: Stub, alice: Metadata) -> None:

@@ -8,6 +8,7 @@ from ewms.v1 import queue_pb2 as _queue_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,42 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PayloadFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PayloadFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PayloadFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYLOAD_FORMAT_UNSPECIFIED: _PayloadFormat.ValueType  # 0
+    """As PAYLOAD_FORMAT_BYTES."""
+    PAYLOAD_FORMAT_BYTES: _PayloadFormat.ValueType  # 1
+    """Every event's content in payload (base64 on REST)."""
+    PAYLOAD_FORMAT_DECODED: _PayloadFormat.ValueType  # 2
+    """Each event's content in the first form that holds it exactly, with payload left empty: json
+    when content_type is application/json or */*+json and the payload parses as JSON (numbers
+    within what a double holds exactly); else text when the payload is valid UTF-8 and
+    content_type names no other charset; else payload, as bytes. Lets a REST client (curl and jq)
+    read events without base64.
+    """
+
+class PayloadFormat(_PayloadFormat, metaclass=_PayloadFormatEnumTypeWrapper):
+    """How events' content is returned by Receive and ListDeadLetters. Stored events are bytes either
+    way; decoding changes only the response.
+    """
+
+PAYLOAD_FORMAT_UNSPECIFIED: PayloadFormat.ValueType  # 0
+"""As PAYLOAD_FORMAT_BYTES."""
+PAYLOAD_FORMAT_BYTES: PayloadFormat.ValueType  # 1
+"""Every event's content in payload (base64 on REST)."""
+PAYLOAD_FORMAT_DECODED: PayloadFormat.ValueType  # 2
+"""Each event's content in the first form that holds it exactly, with payload left empty: json
+when content_type is application/json or */*+json and the payload parses as JSON (numbers
+within what a double holds exactly); else text when the payload is valid UTF-8 and
+content_type names no other charset; else payload, as bytes. Lets a REST client (curl and jq)
+read events without base64.
+"""
+Global___PayloadFormat: _TypeAlias = PayloadFormat  # noqa: Y015
 
 @_typing.final
 class PublishRequest(_message.Message):
@@ -31,7 +68,10 @@ class PublishRequest(_message.Message):
     """The queue to publish to."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.Event]:
-        """The events; only payload, content_type, headers, provenance and (optionally) event_id are read."""
+        """The events; only payload (or json, or text: at most one of the three), content_type, headers,
+        provenance and (optionally) event_id are read. The size limit (EWMS_MAX_EVENT_BYTES) applies to
+        the payload as stored, so to the encoded bytes of json and text too.
+        """
 
     def __init__(
         self,
@@ -323,6 +363,7 @@ class ReceiveRequest(_message.Message):
     MAX_EVENTS_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FORMAT_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """The queue to receive from."""
     max_events: _builtins.int
@@ -331,6 +372,10 @@ class ReceiveRequest(_message.Message):
     """Seconds until unacked deliveries are redelivered; default 60."""
     wait_seconds: _builtins.int
     """Seconds to wait for a first event when none is ready (0..60); default 0."""
+    payload_format: Global___PayloadFormat.ValueType
+    """How the events' content comes back: as payload bytes (the default), or decoded into json or
+    text where that is lossless.
+    """
     def __init__(
         self,
         *,
@@ -338,10 +383,11 @@ class ReceiveRequest(_message.Message):
         max_events: _builtins.int = ...,
         lease_seconds: _builtins.int = ...,
         wait_seconds: _builtins.int = ...,
+        payload_format: Global___PayloadFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "max_events", b"max_events", "queue_id", b"queue_id", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "max_events", b"max_events", "payload_format", b"payload_format", "queue_id", b"queue_id", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,22 +556,26 @@ class ListDeadLettersRequest(_message.Message):
     QUEUE_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FORMAT_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """The queue's id."""
     page_size: _builtins.int
     """Maximum results (1..1000); default 100."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first page."""
+    payload_format: Global___PayloadFormat.ValueType
+    """How the events' content comes back, as in ReceiveRequest."""
     def __init__(
         self,
         *,
         queue_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        payload_format: Global___PayloadFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "queue_id", b"queue_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "payload_format", b"payload_format", "queue_id", b"queue_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

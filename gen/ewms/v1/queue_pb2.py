@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65wms/v1/queue.proto\x12\x07\x65wms.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x02\n\x05Queue\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x0e\n\x06public\x18\x04 \x01(\x08\x12&\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x15.ewms.v1.QueueBackend\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12.\n\x0b\x63redentials\x18\x08 \x01(\x0b\x32\x19.ewms.v1.QueueCredentials\x12\"\n\x05stats\x18\t \x01(\x0b\x32\x13.ewms.v1.QueueStats\x12.\n\ndeleted_ts\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x10QueueCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12+\n\x07\x65xpires\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"y\n\nQueueStats\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x03\x12\x11\n\tin_flight\x18\x03 \x01(\x03\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x03\x12\x15\n\rdead_lettered\x18\x05 \x01(\x03\x12\x11\n\tpublished\x18\x06 \x01(\x03\"\xa1\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08queue_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12,\n\x07headers\x18\x05 \x03(\x0b\x32\x1b.ewms.v1.Event.HeadersEntry\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x30\n\x0cpublished_ts\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\nprovenance\x18\x08 \x01(\x0b\x32\x18.ewms.v1.EventProvenance\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0f\x45ventProvenance\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0einput_event_id\x18\x03 \x01(\t\"l\n\x08\x44\x65livery\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12\x1d\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x0e.ewms.v1.Event\x12\x31\n\rlease_expires\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\nDeadLetter\x12\x1d\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.ewms.v1.Event\x12\x12\n\nlast_error\x18\x02 \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_ts\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*e\n\x0cQueueBackend\x12\x1d\n\x19QUEUE_BACKEND_UNSPECIFIED\x10\x00\x12\x1a\n\x16QUEUE_BACKEND_EMBEDDED\x10\x01\x12\x1a\n\x16QUEUE_BACKEND_RABBITMQ\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65wms/v1/queue.proto\x12\x07\x65wms.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x02\n\x05Queue\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x0e\n\x06public\x18\x04 \x01(\x08\x12&\n\x07\x62\x61\x63kend\x18\x05 \x01(\x0e\x32\x15.ewms.v1.QueueBackend\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12.\n\x0b\x63redentials\x18\x08 \x01(\x0b\x32\x19.ewms.v1.QueueCredentials\x12\"\n\x05stats\x18\t \x01(\x0b\x32\x13.ewms.v1.QueueStats\x12.\n\ndeleted_ts\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x10QueueCredentials\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12+\n\x07\x65xpires\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"y\n\nQueueStats\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x03\x12\x11\n\tin_flight\x18\x03 \x01(\x03\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x03\x12\x15\n\rdead_lettered\x18\x05 \x01(\x03\x12\x11\n\tpublished\x18\x06 \x01(\x03\"\xe3\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08queue_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12,\n\x07headers\x18\x05 \x03(\x0b\x32\x1b.ewms.v1.Event.HeadersEntry\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x30\n\x0cpublished_ts\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\nprovenance\x18\x08 \x01(\x0b\x32\x18.ewms.v1.EventProvenance\x12$\n\x04json\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x11\n\x04text\x18\n \x01(\tH\x00\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_text\"T\n\x0f\x45ventProvenance\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x16\n\x0einput_event_id\x18\x03 \x01(\t\"l\n\x08\x44\x65livery\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12\x1d\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x0e.ewms.v1.Event\x12\x31\n\rlease_expires\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\nDeadLetter\x12\x1d\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x0e.ewms.v1.Event\x12\x12\n\nlast_error\x18\x02 \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_ts\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*e\n\x0cQueueBackend\x12\x1d\n\x19QUEUE_BACKEND_UNSPECIFIED\x10\x00\x12\x1a\n\x16QUEUE_BACKEND_EMBEDDED\x10\x01\x12\x1a\n\x16QUEUE_BACKEND_RABBITMQ\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_HEADERSENTRY']._loaded_options = None
   _globals['_EVENT_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_QUEUEBACKEND']._serialized_start=1187
-  _globals['_QUEUEBACKEND']._serialized_end=1288
-  _globals['_QUEUE']._serialized_start=66
-  _globals['_QUEUE']._serialized_end=354
-  _globals['_QUEUECREDENTIALS']._serialized_start=356
-  _globals['_QUEUECREDENTIALS']._serialized_end=455
-  _globals['_QUEUESTATS']._serialized_start=457
-  _globals['_QUEUESTATS']._serialized_end=578
-  _globals['_EVENT']._serialized_start=581
-  _globals['_EVENT']._serialized_end=870
-  _globals['_EVENT_HEADERSENTRY']._serialized_start=824
-  _globals['_EVENT_HEADERSENTRY']._serialized_end=870
-  _globals['_EVENTPROVENANCE']._serialized_start=872
-  _globals['_EVENTPROVENANCE']._serialized_end=956
-  _globals['_DELIVERY']._serialized_start=958
-  _globals['_DELIVERY']._serialized_end=1066
-  _globals['_DEADLETTER']._serialized_start=1068
-  _globals['_DEADLETTER']._serialized_end=1185
+  _globals['_QUEUEBACKEND']._serialized_start=1283
+  _globals['_QUEUEBACKEND']._serialized_end=1384
+  _globals['_QUEUE']._serialized_start=96
+  _globals['_QUEUE']._serialized_end=384
+  _globals['_QUEUECREDENTIALS']._serialized_start=386
+  _globals['_QUEUECREDENTIALS']._serialized_end=485
+  _globals['_QUEUESTATS']._serialized_start=487
+  _globals['_QUEUESTATS']._serialized_end=608
+  _globals['_EVENT']._serialized_start=611
+  _globals['_EVENT']._serialized_end=966
+  _globals['_EVENT_HEADERSENTRY']._serialized_start=911
+  _globals['_EVENT_HEADERSENTRY']._serialized_end=957
+  _globals['_EVENTPROVENANCE']._serialized_start=968
+  _globals['_EVENTPROVENANCE']._serialized_end=1052
+  _globals['_DELIVERY']._serialized_start=1054
+  _globals['_DELIVERY']._serialized_end=1162
+  _globals['_DEADLETTER']._serialized_start=1164
+  _globals['_DEADLETTER']._serialized_end=1281
 # @@protoc_insertion_point(module_scope)

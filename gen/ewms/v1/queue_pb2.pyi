@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -220,6 +221,8 @@ class Event(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PUBLISHED_TS_FIELD_NUMBER: _builtins.int
     PROVENANCE_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique id ("EV-<hex>"), kept across redeliveries so consumers can drop duplicates. Assigned on
     publish unless the publisher sets one.
@@ -227,11 +230,22 @@ class Event(_message.Message):
     queue_id: _builtins.str
     """The queue the event is in."""
     payload: _builtins.bytes
-    """The event's content, opaque to EWMS."""
+    """The event's content, opaque to EWMS. Always how an event is stored and handed to pilots. A
+    publisher may give the content as json or text instead (at most one of the three); a receiver
+    asking for PAYLOAD_FORMAT_DECODED gets json or text instead where that is lossless. On REST
+    (JSON), bytes are base64.
+    """
     content_type: _builtins.str
     """MIME type of the payload, e.g. "application/json" or "text/plain"."""
     attempt: _builtins.int
     """Which delivery of this event this is, starting at 1; 0 outside a delivery."""
+    text: _builtins.str
+    """The content as UTF-8 text, instead of payload. On Publish it is stored as payload (its UTF-8
+    bytes), with content_type "text/plain; charset=utf-8" unless the publisher gave one (whose
+    charset, if named, must be UTF-8). On Receive and ListDeadLetters it is set (and payload left
+    empty) only with PAYLOAD_FORMAT_DECODED, for a payload that is valid UTF-8, is not set as
+    json, and whose content_type names no other charset.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form headers set by the publisher. Names starting with "x-" are reserved for the broker
@@ -246,6 +260,19 @@ class Event(_message.Message):
     def provenance(self) -> Global___EventProvenance:
         """Where the event came from, when a pilot produced it."""
 
+    @_builtins.property
+    def json(self) -> _struct_pb2.Value:
+        """The content as a JSON value, instead of payload: no base64 on REST, where it is written as
+        plain JSON ({"json": {"x": 1}}). On Publish it is stored as payload: its compact UTF-8 JSON text
+        (object keys sorted, integral numbers without a fraction), with content_type
+        "application/json" unless the publisher gave another JSON type (application/json or
+        */*+json; any other content_type is INVALID_ARGUMENT). JSON numbers are doubles here, so
+        integers beyond 2^53 lose precision: publish those as text or payload. A Value with no kind
+        set or a non-finite number is INVALID_ARGUMENT. On Receive and ListDeadLetters it is set
+        (and payload left empty) only with PAYLOAD_FORMAT_DECODED, for a JSON content_type whose
+        payload parses to a value that converts exactly.
+        """
+
     def __init__(
         self,
         *,
@@ -257,12 +284,16 @@ class Event(_message.Message):
         attempt: _builtins.int = ...,
         published_ts: _timestamp_pb2.Timestamp | None = ...,
         provenance: Global___EventProvenance | None = ...,
+        json: _struct_pb2.Value | None = ...,
+        text: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance", "published_ts", b"published_ts"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_text", b"_text", "json", b"json", "provenance", b"provenance", "published_ts", b"published_ts", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "content_type", b"content_type", "event_id", b"event_id", "headers", b"headers", "payload", b"payload", "provenance", b"provenance", "published_ts", b"published_ts", "queue_id", b"queue_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_text", b"_text", "attempt", b"attempt", "content_type", b"content_type", "event_id", b"event_id", "headers", b"headers", "json", b"json", "payload", b"payload", "provenance", b"provenance", "published_ts", b"published_ts", "queue_id", b"queue_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__text: _TypeAlias = _typing.Literal["text"]  # noqa: Y015
+    _WhichOneofArgType__text: _TypeAlias = _typing.Literal["_text", b"_text"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__text) -> _WhichOneofReturnType__text | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
 

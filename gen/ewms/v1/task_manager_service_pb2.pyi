@@ -324,15 +324,29 @@ class WorkerJobState(_message.Message):
     JOB_STATE_FIELD_NUMBER: _builtins.int
     HOLD_REASON_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    CHIRPS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker: "<cluster id>.<proc id>", as the pilot's EWMS_PILOT_WORKER_ID."""
     job_state: _taskforce_pb2.JobState.ValueType
     """Its job state."""
     hold_reason: _builtins.str
-    """Why it is held, when job_state is JOB_STATE_HELD, e.g. "Memory usage exceeds a memory limit"."""
+    """Why it is held, when job_state is JOB_STATE_HELD: what the hold code (and subcode, when not 0)
+    means, then the scheduler's own text, e.g. "Memory usage exceeds a memory limit: Error from
+    slot1@ep: Job has gone over cgroup memory limit of 1024 megabytes." or "An error occurred while
+    transferring job input files: subcode 2 (ENOENT): Transfer input files failure ...". At most
+    4096 characters.
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the scheduler recorded the state (e.g. the job event log time)."""
+
+    @_builtins.property
+    def chirps(self) -> Global___PilotChirps:
+        """What the worker's pilot last chirped into the job event log (HTCondor only: HTChirp with
+        EWMS_PILOT_HTCHIRP_DEST=JOB_EVENT_LOG); unset if it chirped nothing. The WMS uses it in place of
+        the pilot's own state only for a worker whose pilot never opened a PilotService stream: a
+        pilot's own stream wins.
+        """
 
     def __init__(
         self,
@@ -341,14 +355,66 @@ class WorkerJobState(_message.Message):
         job_state: _taskforce_pb2.JobState.ValueType = ...,
         hold_reason: _builtins.str = ...,
         timestamp: _timestamp_pb2.Timestamp | None = ...,
+        chirps: Global___PilotChirps | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chirps", b"chirps", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_reason", b"hold_reason", "job_state", b"job_state", "timestamp", b"timestamp", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chirps", b"chirps", "hold_reason", b"hold_reason", "job_state", b"job_state", "timestamp", b"timestamp", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerJobState: _TypeAlias = WorkerJobState  # noqa: Y015
+
+@_typing.final
+class PilotChirps(_message.Message):
+    """The latest HTChirpEWMSPilot* attributes a pilot chirped, as the WMS uses them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    LAST_UPDATED_FIELD_NUMBER: _builtins.int
+    phase: _taskforce_pb2.PilotPhase.ValueType
+    """HTChirpEWMSPilotStatus as a phase: Started, RunningInitCommand, AwaitingFirstMessage, Tasking,
+    PendingRemainingTasks, FatalError and Done are STARTED, RUNNING_INIT, AWAITING_FIRST_EVENT,
+    TASKING, DRAINING, FATAL_ERROR and DONE; UNSPECIFIED before a status is chirped.
+    """
+    last_error: _builtins.str
+    """The first line of HTChirpEWMSPilotError (as a pilot's own stream reports last_error); at most
+    4096 characters.
+    """
+    @_builtins.property
+    def counters(self) -> _taskforce_pb2.TaskCounters:
+        """HTChirpEWMSPilotTasksTotal, TasksSuccess and TasksFailed as events_received, tasks_succeeded
+        and tasks_failed (events_published is not chirped).
+        """
+
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp:
+        """HTChirpEWMSPilotStartedTimestamp: when the pilot started."""
+
+    @_builtins.property
+    def last_updated(self) -> _timestamp_pb2.Timestamp:
+        """HTChirpEWMSPilotLastUpdatedTimestamp: when the pilot last sent its chirps."""
+
+    def __init__(
+        self,
+        *,
+        phase: _taskforce_pb2.PilotPhase.ValueType = ...,
+        last_error: _builtins.str = ...,
+        counters: _taskforce_pb2.TaskCounters | None = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        last_updated: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "last_updated", b"last_updated", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "last_error", b"last_error", "last_updated", b"last_updated", "phase", b"phase", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PilotChirps: _TypeAlias = PilotChirps  # noqa: Y015
 
 @_typing.final
 class TaskManagerServiceConnectResponse(_message.Message):

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65wms/v1/taskforce.proto\x12\x07\x65wms.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x05\n\tTaskforce\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x18\n\x10\x63luster_location\x18\x06 \x01(\t\x12\x11\n\tn_workers\x18\x07 \x01(\x05\x12*\n\x0cpilot_config\x18\x08 \x01(\x0b\x32\x14.ewms.v1.PilotConfig\x12,\n\rworker_config\x18\t \x01(\x0b\x32\x15.ewms.v1.WorkerConfig\x12\x12\n\ncluster_id\x18\n \x01(\x05\x12\x37\n\x0bsubmit_dict\x18\x0b \x03(\x0b\x32\".ewms.v1.Taskforce.SubmitDictEntry\x12\x1b\n\x13job_event_log_fpath\x18\x0c \x01(\t\x12&\n\x05phase\x18\r \x01(\x0e\x32\x17.ewms.v1.TaskforcePhase\x12.\n\x10phase_change_log\x18\x0e \x03(\x0b\x32\x14.ewms.v1.PhaseChange\x12\x32\n\x11\x63ompound_statuses\x18\x0f \x03(\x0b\x32\x17.ewms.v1.CompoundStatus\x12>\n\x0ftop_task_errors\x18\x10 \x03(\x0b\x32%.ewms.v1.Taskforce.TopTaskErrorsEntry\x12\'\n\x08\x63ounters\x18\x11 \x01(\x0b\x32\x15.ewms.v1.TaskCounters\x1a\x31\n\x0fSubmitDictEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12TopTaskErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xcd\x01\n\x0bPilotConfig\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x14\n\x0cimage_source\x18\x02 \x01(\t\x12:\n\x0b\x65nvironment\x18\x03 \x03(\x0b\x32%.ewms.v1.PilotConfig.EnvironmentEntry\x12\x13\n\x0binput_files\x18\x04 \x03(\t\x1aJ\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xd1\x02\n\x0cWorkerConfig\x12)\n\x1c\x64o_transfer_worker_stdouterr\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12max_worker_runtime\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07n_cores\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12+\n\x0bworker_disk\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12-\n\rworker_memory\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1b\n\x13\x63ondor_requirements\x18\x07 \x01(\tB\x1f\n\x1d_do_transfer_worker_stdouterrB\x15\n\x13_max_worker_runtimeB\n\n\x08_n_coresB\x0b\n\t_priority\"\xe2\x01\n\x0bPhaseChange\x12-\n\x0ctarget_phase\x18\x01 \x01(\x0e\x32\x17.ewms.v1.TaskforcePhase\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewas_successful\x18\x03 \x01(\x08\x12\x35\n\x11source_event_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsource_entity\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x06 \x01(\t\"\x84\x01\n\x0e\x43ompoundStatus\x12$\n\tjob_state\x18\x01 \x01(\x0e\x32\x11.ewms.v1.JobState\x12\x13\n\x0bhold_reason\x18\x02 \x01(\t\x12(\n\x0bpilot_phase\x18\x03 \x01(\x0e\x32\x13.ewms.v1.PilotPhase\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\"p\n\x0cTaskCounters\x12\x17\n\x0f\x65vents_received\x18\x01 \x01(\x03\x12\x17\n\x0ftasks_succeeded\x18\x02 \x01(\x03\x12\x14\n\x0ctasks_failed\x18\x03 \x01(\x03\x12\x18\n\x10\x65vents_published\x18\x04 \x01(\x03*\xc8\x02\n\x0eTaskforcePhase\x12\x1f\n\x1bTASKFORCE_PHASE_UNSPECIFIED\x10\x00\x12%\n!TASKFORCE_PHASE_PRE_MQ_ACTIVATION\x10\x01\x12\x1e\n\x1aTASKFORCE_PHASE_PRE_LAUNCH\x10\x02\x12#\n\x1fTASKFORCE_PHASE_PENDING_STARTER\x10\x03\x12!\n\x1dTASKFORCE_PHASE_CONDOR_SUBMIT\x10\x04\x12#\n\x1fTASKFORCE_PHASE_PENDING_STOPPER\x10\x05\x12\x1d\n\x19TASKFORCE_PHASE_CONDOR_RM\x10\x06\x12#\n\x1fTASKFORCE_PHASE_CONDOR_COMPLETE\x10\x07\x12\x1d\n\x19TASKFORCE_PHASE_CANCELLED\x10\x08*\xd0\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_STATE_IDLE\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_HELD\x10\x03\x12\x17\n\x13JOB_STATE_SUSPENDED\x10\x04\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x05\x12\x15\n\x11JOB_STATE_REMOVED\x10\x06\x12!\n\x1dJOB_STATE_TRANSFERRING_OUTPUT\x10\x07*\xec\x01\n\nPilotPhase\x12\x1b\n\x17PILOT_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13PILOT_PHASE_STARTED\x10\x01\x12\x1c\n\x18PILOT_PHASE_RUNNING_INIT\x10\x02\x12$\n PILOT_PHASE_AWAITING_FIRST_EVENT\x10\x03\x12\x17\n\x13PILOT_PHASE_TASKING\x10\x04\x12\x18\n\x14PILOT_PHASE_DRAINING\x10\x05\x12\x1b\n\x17PILOT_PHASE_FATAL_ERROR\x10\x06\x12\x14\n\x10PILOT_PHASE_DONE\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65wms/v1/taskforce.proto\x12\x07\x65wms.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x05\n\tTaskforce\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x18\n\x10\x63luster_location\x18\x06 \x01(\t\x12\x11\n\tn_workers\x18\x07 \x01(\x05\x12*\n\x0cpilot_config\x18\x08 \x01(\x0b\x32\x14.ewms.v1.PilotConfig\x12,\n\rworker_config\x18\t \x01(\x0b\x32\x15.ewms.v1.WorkerConfig\x12\x12\n\ncluster_id\x18\n \x01(\x05\x12\x37\n\x0bsubmit_dict\x18\x0b \x03(\x0b\x32\".ewms.v1.Taskforce.SubmitDictEntry\x12\x1b\n\x13job_event_log_fpath\x18\x0c \x01(\t\x12&\n\x05phase\x18\r \x01(\x0e\x32\x17.ewms.v1.TaskforcePhase\x12.\n\x10phase_change_log\x18\x0e \x03(\x0b\x32\x14.ewms.v1.PhaseChange\x12\x32\n\x11\x63ompound_statuses\x18\x0f \x03(\x0b\x32\x17.ewms.v1.CompoundStatus\x12>\n\x0ftop_task_errors\x18\x10 \x03(\x0b\x32%.ewms.v1.Taskforce.TopTaskErrorsEntry\x12\'\n\x08\x63ounters\x18\x11 \x01(\x0b\x32\x15.ewms.v1.TaskCounters\x1a\x31\n\x0fSubmitDictEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12TopTaskErrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xcd\x01\n\x0bPilotConfig\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x14\n\x0cimage_source\x18\x02 \x01(\t\x12:\n\x0b\x65nvironment\x18\x03 \x03(\x0b\x32%.ewms.v1.PilotConfig.EnvironmentEntry\x12\x13\n\x0binput_files\x18\x04 \x03(\t\x1aJ\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"\xc9\x03\n\x0cWorkerConfig\x12)\n\x1c\x64o_transfer_worker_stdouterr\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1f\n\x12max_worker_runtime\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07n_cores\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12+\n\x0bworker_disk\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12-\n\rworker_memory\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x1b\n\x13\x63ondor_requirements\x18\x07 \x01(\t\x12\x39\n\x13worker_disk_as_sent\x18\x08 \x01(\x0b\x32\x16.google.protobuf.ValueB\x04\xe2\x41\x01\x03\x12;\n\x15worker_memory_as_sent\x18\t \x01(\x0b\x32\x16.google.protobuf.ValueB\x04\xe2\x41\x01\x03\x42\x1f\n\x1d_do_transfer_worker_stdouterrB\x15\n\x13_max_worker_runtimeB\n\n\x08_n_coresB\x0b\n\t_priority\"\xe2\x01\n\x0bPhaseChange\x12-\n\x0ctarget_phase\x18\x01 \x01(\x0e\x32\x17.ewms.v1.TaskforcePhase\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewas_successful\x18\x03 \x01(\x08\x12\x35\n\x11source_event_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsource_entity\x18\x05 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x06 \x01(\t\"\x84\x01\n\x0e\x43ompoundStatus\x12$\n\tjob_state\x18\x01 \x01(\x0e\x32\x11.ewms.v1.JobState\x12\x13\n\x0bhold_reason\x18\x02 \x01(\t\x12(\n\x0bpilot_phase\x18\x03 \x01(\x0e\x32\x13.ewms.v1.PilotPhase\x12\r\n\x05\x63ount\x18\x04 \x01(\x05\"p\n\x0cTaskCounters\x12\x17\n\x0f\x65vents_received\x18\x01 \x01(\x03\x12\x17\n\x0ftasks_succeeded\x18\x02 \x01(\x03\x12\x14\n\x0ctasks_failed\x18\x03 \x01(\x03\x12\x18\n\x10\x65vents_published\x18\x04 \x01(\x03*\xc8\x02\n\x0eTaskforcePhase\x12\x1f\n\x1bTASKFORCE_PHASE_UNSPECIFIED\x10\x00\x12%\n!TASKFORCE_PHASE_PRE_MQ_ACTIVATION\x10\x01\x12\x1e\n\x1aTASKFORCE_PHASE_PRE_LAUNCH\x10\x02\x12#\n\x1fTASKFORCE_PHASE_PENDING_STARTER\x10\x03\x12!\n\x1dTASKFORCE_PHASE_CONDOR_SUBMIT\x10\x04\x12#\n\x1fTASKFORCE_PHASE_PENDING_STOPPER\x10\x05\x12\x1d\n\x19TASKFORCE_PHASE_CONDOR_RM\x10\x06\x12#\n\x1fTASKFORCE_PHASE_CONDOR_COMPLETE\x10\x07\x12\x1d\n\x19TASKFORCE_PHASE_CANCELLED\x10\x08*\xd0\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_STATE_IDLE\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x12\n\x0eJOB_STATE_HELD\x10\x03\x12\x17\n\x13JOB_STATE_SUSPENDED\x10\x04\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x05\x12\x15\n\x11JOB_STATE_REMOVED\x10\x06\x12!\n\x1dJOB_STATE_TRANSFERRING_OUTPUT\x10\x07*\xec\x01\n\nPilotPhase\x12\x1b\n\x17PILOT_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13PILOT_PHASE_STARTED\x10\x01\x12\x1c\n\x18PILOT_PHASE_RUNNING_INIT\x10\x02\x12$\n PILOT_PHASE_AWAITING_FIRST_EVENT\x10\x03\x12\x17\n\x13PILOT_PHASE_TASKING\x10\x04\x12\x18\n\x14PILOT_PHASE_DRAINING\x10\x05\x12\x1b\n\x17PILOT_PHASE_FATAL_ERROR\x10\x06\x12\x14\n\x10PILOT_PHASE_DONE\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +40,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKFORCE_TOPTASKERRORSENTRY']._serialized_options = b'8\001'
   _globals['_PILOTCONFIG_ENVIRONMENTENTRY']._loaded_options = None
   _globals['_PILOTCONFIG_ENVIRONMENTENTRY']._serialized_options = b'8\001'
-  _globals['_TASKFORCEPHASE']._serialized_start=1858
-  _globals['_TASKFORCEPHASE']._serialized_end=2186
-  _globals['_JOBSTATE']._serialized_start=2189
-  _globals['_JOBSTATE']._serialized_end=2397
-  _globals['_PILOTPHASE']._serialized_start=2400
-  _globals['_PILOTPHASE']._serialized_end=2636
-  _globals['_TASKFORCE']._serialized_start=100
-  _globals['_TASKFORCE']._serialized_end=829
-  _globals['_TASKFORCE_SUBMITDICTENTRY']._serialized_start=726
-  _globals['_TASKFORCE_SUBMITDICTENTRY']._serialized_end=775
-  _globals['_TASKFORCE_TOPTASKERRORSENTRY']._serialized_start=777
-  _globals['_TASKFORCE_TOPTASKERRORSENTRY']._serialized_end=829
-  _globals['_PILOTCONFIG']._serialized_start=832
-  _globals['_PILOTCONFIG']._serialized_end=1037
-  _globals['_PILOTCONFIG_ENVIRONMENTENTRY']._serialized_start=963
-  _globals['_PILOTCONFIG_ENVIRONMENTENTRY']._serialized_end=1037
-  _globals['_WORKERCONFIG']._serialized_start=1040
-  _globals['_WORKERCONFIG']._serialized_end=1377
-  _globals['_PHASECHANGE']._serialized_start=1380
-  _globals['_PHASECHANGE']._serialized_end=1606
-  _globals['_COMPOUNDSTATUS']._serialized_start=1609
-  _globals['_COMPOUNDSTATUS']._serialized_end=1741
-  _globals['_TASKCOUNTERS']._serialized_start=1743
-  _globals['_TASKCOUNTERS']._serialized_end=1855
+  _globals['_WORKERCONFIG'].fields_by_name['worker_disk_as_sent']._loaded_options = None
+  _globals['_WORKERCONFIG'].fields_by_name['worker_disk_as_sent']._serialized_options = b'\342A\001\003'
+  _globals['_WORKERCONFIG'].fields_by_name['worker_memory_as_sent']._loaded_options = None
+  _globals['_WORKERCONFIG'].fields_by_name['worker_memory_as_sent']._serialized_options = b'\342A\001\003'
+  _globals['_TASKFORCEPHASE']._serialized_start=2011
+  _globals['_TASKFORCEPHASE']._serialized_end=2339
+  _globals['_JOBSTATE']._serialized_start=2342
+  _globals['_JOBSTATE']._serialized_end=2550
+  _globals['_PILOTPHASE']._serialized_start=2553
+  _globals['_PILOTPHASE']._serialized_end=2789
+  _globals['_TASKFORCE']._serialized_start=133
+  _globals['_TASKFORCE']._serialized_end=862
+  _globals['_TASKFORCE_SUBMITDICTENTRY']._serialized_start=759
+  _globals['_TASKFORCE_SUBMITDICTENTRY']._serialized_end=808
+  _globals['_TASKFORCE_TOPTASKERRORSENTRY']._serialized_start=810
+  _globals['_TASKFORCE_TOPTASKERRORSENTRY']._serialized_end=862
+  _globals['_PILOTCONFIG']._serialized_start=865
+  _globals['_PILOTCONFIG']._serialized_end=1070
+  _globals['_PILOTCONFIG_ENVIRONMENTENTRY']._serialized_start=996
+  _globals['_PILOTCONFIG_ENVIRONMENTENTRY']._serialized_end=1070
+  _globals['_WORKERCONFIG']._serialized_start=1073
+  _globals['_WORKERCONFIG']._serialized_end=1530
+  _globals['_PHASECHANGE']._serialized_start=1533
+  _globals['_PHASECHANGE']._serialized_end=1759
+  _globals['_COMPOUNDSTATUS']._serialized_start=1762
+  _globals['_COMPOUNDSTATUS']._serialized_end=1894
+  _globals['_TASKCOUNTERS']._serialized_start=1896
+  _globals['_TASKCOUNTERS']._serialized_end=2008
 # @@protoc_insertion_point(module_scope)

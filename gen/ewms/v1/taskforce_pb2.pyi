@@ -379,6 +379,8 @@ class WorkerConfig(_message.Message):
     WORKER_DISK_FIELD_NUMBER: _builtins.int
     WORKER_MEMORY_FIELD_NUMBER: _builtins.int
     CONDOR_REQUIREMENTS_FIELD_NUMBER: _builtins.int
+    WORKER_DISK_AS_SENT_FIELD_NUMBER: _builtins.int
+    WORKER_MEMORY_AS_SENT_FIELD_NUMBER: _builtins.int
     do_transfer_worker_stdouterr: _builtins.bool
     """Whether the worker's stdout and stderr are transferred back to the access point."""
     max_worker_runtime: _builtins.int
@@ -397,6 +399,20 @@ class WorkerConfig(_message.Message):
     def worker_memory(self) -> _struct_pb2.Value:
         """Memory per worker: integer bytes or a size string such as "512M" or "8GB". Stored as bytes."""
 
+    @_builtins.property
+    def worker_disk_as_sent(self) -> _struct_pb2.Value:
+        """worker_disk as the request gave it (a string like "512M" or an integer of bytes), for clients
+        that echo it back unchanged; unset for taskforces created before it existed. Set by the WMS,
+        ignored in requests.
+        """
+
+    @_builtins.property
+    def worker_memory_as_sent(self) -> _struct_pb2.Value:
+        """worker_memory as the request gave it (a string like "512M" or an integer of bytes), for clients
+        that echo it back unchanged; unset for taskforces created before it existed. Set by the WMS,
+        ignored in requests.
+        """
+
     def __init__(
         self,
         *,
@@ -407,10 +423,12 @@ class WorkerConfig(_message.Message):
         worker_disk: _struct_pb2.Value | None = ...,
         worker_memory: _struct_pb2.Value | None = ...,
         condor_requirements: _builtins.str = ...,
+        worker_disk_as_sent: _struct_pb2.Value | None = ...,
+        worker_memory_as_sent: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_do_transfer_worker_stdouterr", b"_do_transfer_worker_stdouterr", "_max_worker_runtime", b"_max_worker_runtime", "_n_cores", b"_n_cores", "_priority", b"_priority", "do_transfer_worker_stdouterr", b"do_transfer_worker_stdouterr", "max_worker_runtime", b"max_worker_runtime", "n_cores", b"n_cores", "priority", b"priority", "worker_disk", b"worker_disk", "worker_memory", b"worker_memory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_do_transfer_worker_stdouterr", b"_do_transfer_worker_stdouterr", "_max_worker_runtime", b"_max_worker_runtime", "_n_cores", b"_n_cores", "_priority", b"_priority", "do_transfer_worker_stdouterr", b"do_transfer_worker_stdouterr", "max_worker_runtime", b"max_worker_runtime", "n_cores", b"n_cores", "priority", b"priority", "worker_disk", b"worker_disk", "worker_disk_as_sent", b"worker_disk_as_sent", "worker_memory", b"worker_memory", "worker_memory_as_sent", b"worker_memory_as_sent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_do_transfer_worker_stdouterr", b"_do_transfer_worker_stdouterr", "_max_worker_runtime", b"_max_worker_runtime", "_n_cores", b"_n_cores", "_priority", b"_priority", "condor_requirements", b"condor_requirements", "do_transfer_worker_stdouterr", b"do_transfer_worker_stdouterr", "max_worker_runtime", b"max_worker_runtime", "n_cores", b"n_cores", "priority", b"priority", "worker_disk", b"worker_disk", "worker_memory", b"worker_memory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_do_transfer_worker_stdouterr", b"_do_transfer_worker_stdouterr", "_max_worker_runtime", b"_max_worker_runtime", "_n_cores", b"_n_cores", "_priority", b"_priority", "condor_requirements", b"condor_requirements", "do_transfer_worker_stdouterr", b"do_transfer_worker_stdouterr", "max_worker_runtime", b"max_worker_runtime", "n_cores", b"n_cores", "priority", b"priority", "worker_disk", b"worker_disk", "worker_disk_as_sent", b"worker_disk_as_sent", "worker_memory", b"worker_memory", "worker_memory_as_sent", b"worker_memory_as_sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__do_transfer_worker_stdouterr: _TypeAlias = _typing.Literal["do_transfer_worker_stdouterr"]  # noqa: Y015
     _WhichOneofArgType__do_transfer_worker_stdouterr: _TypeAlias = _typing.Literal["_do_transfer_worker_stdouterr", b"_do_transfer_worker_stdouterr"]  # noqa: Y015

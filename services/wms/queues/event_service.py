@@ -5,17 +5,24 @@ Checks here, for every backend: the queue exists (NOT_FOUND), the caller may use
 deleted after retention (FAILED_PRECONDITION), publishing needs an active workflow
 (FAILED_PRECONDITION), and every field is valid (INVALID_ARGUMENT with field violations). Then the
 queue's broker does the work.
+
+Brokers hold every event's content as payload bytes. An event published with ``json`` or ``text``
+is encoded to payload here, before the size check; a receiver asking for PAYLOAD_FORMAT_DECODED
+gets the payload decoded back into ``json`` or ``text`` here, where that is exact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import json_format, struct_pb2
 
 from ewms.v1 import (
     event_service_pb2,
@@ -51,6 +58,11 @@ MAX_WAIT_SECONDS = 60
 MAX_ACK_IDS = 10_000
 MAX_EVENT_ID_CHARS = 128
 MAX_HEADER_BYTES = 64 * 1024
+JSON_CONTENT_TYPE = "application/json"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+# Integers a double (a JSON number in google.protobuf.Value) holds exactly.
+MAX_EXACT_INT = 2**53
+PAYLOAD_FORMATS = frozenset(event_service_pb2.PayloadFormat.values())
 
 
 class EventService(event_service_pb2_grpc.EventServiceServicer):
@@ -148,12 +160,15 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             violations.append(("events", f"at most {MAX_PUBLISH_EVENTS} events per call"))
         for i, event in enumerate(request.events):
             path = f"events[{i}]"
+            source = _encode_content(event, path, violations)
             if len(event.payload) > self._max_event_bytes:
+                size = f"{len(event.payload)} bytes"
                 violations.append(
                     (
-                        f"{path}.payload",
-                        f"is {len(event.payload)} bytes, over the limit of "
-                        f"{self._max_event_bytes} bytes (EWMS_MAX_EVENT_BYTES)",
+                        f"{path}.{source}",
+                        (f"is {size}" if source == "payload" else f"encodes to a payload of {size}")
+                        + f", over the limit of {self._max_event_bytes} bytes "
+                        "(EWMS_MAX_EVENT_BYTES)",
                     )
                 )
             if len(event.event_id) > MAX_EVENT_ID_CHARS or not event.event_id.isprintable():
@@ -280,6 +295,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             )
         if not 0 <= request.wait_seconds <= MAX_WAIT_SECONDS:
             violations.append(("wait_seconds", f"must be between 0 and {MAX_WAIT_SECONDS}"))
+        violations += _payload_format_violations(request.payload_format)
         if violations:
             raise InvalidArgument(violations)
         queue, _ = await self._resolve(request.queue_id, current_principal())
@@ -289,6 +305,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             request.lease_seconds or DEFAULT_RECEIVE_LEASE,
             float(request.wait_seconds),
         )
+        if request.payload_format == event_service_pb2.PAYLOAD_FORMAT_DECODED:
+            # Brokers return fresh messages, so decoding in place changes no stored event.
+            for delivery in deliveries:
+                _decode_content(delivery.event)
         return event_service_pb2.ReceiveResponse(deliveries=deliveries)
 
     @grpc_errors
@@ -340,12 +360,17 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self, request: event_service_pb2.ListDeadLettersRequest, context: Ctx
     ) -> event_service_pb2.ListDeadLettersResponse:
         require_fields(queue_id=request.queue_id)
+        if violations := _payload_format_violations(request.payload_format):
+            raise InvalidArgument(violations)
         page = page_of(request.page_size, request.page_token, request.queue_id)
         queue, _ = await self._resolve(request.queue_id, current_principal())
         letters, after = await self._queues.broker(queue).dead_letters(
             queue, page.after_seq, page.size
         )
         token = page.next_token(after, page.size) if after is not None else ""
+        if request.payload_format == event_service_pb2.PAYLOAD_FORMAT_DECODED:
+            for letter in letters:
+                _decode_content(letter.event)
         return event_service_pb2.ListDeadLettersResponse(
             dead_letters=letters, next_page_token=token
         )
@@ -362,3 +387,176 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             )
         n = await self._queues.broker(queue).redrive(queue, list(request.event_ids))
         return event_service_pb2.RedriveDeadLettersResponse(n_redriven=n)
+
+
+# --- payload forms: json and text on the way in and, when asked, on the way out ---
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def _is_json_type(content_type: str) -> bool:
+    media = _media_type(content_type)
+    return media == JSON_CONTENT_TYPE or media.endswith("+json")
+
+
+def _other_charset(content_type: str) -> str | None:
+    """The charset a content type names, unless that is UTF-8 or none is named."""
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            return None if charset in ("utf-8", "utf8") else charset
+    return None
+
+
+def _payload_format_violations(payload_format: int) -> list[tuple[str, str]]:
+    if payload_format in PAYLOAD_FORMATS:
+        return []
+    names = ", ".join(event_service_pb2.PayloadFormat.DESCRIPTOR.values_by_name)
+    return [("payload_format", f"is {payload_format}, not one of {names}")]
+
+
+def _encode_content(event: queue_pb2.Event, path: str, violations: list[tuple[str, str]]) -> str:
+    """Store an event's json or text as its payload bytes (in place), as brokers hold every event;
+    returns the field its content came from (payload, json or text), for a size violation."""
+    given = [
+        name
+        for name, is_set in (
+            ("payload", bool(event.payload)),
+            ("json", event.HasField("json")),
+            ("text", event.HasField("text")),
+        )
+        if is_set
+    ]
+    if not given:
+        return "payload"
+    source = given[-1]
+    if len(given) > 1:
+        both = " and ".join(given) if len(given) == 2 else "payload, json and text"
+        violations.append(
+            (
+                f"{path}.{source}",
+                f"{both} are set; an event's content goes in at most one of payload, json and text",
+            )
+        )
+        return "payload"  # the bytes a size check measures, still as given
+    if source == "json":
+        try:
+            value = _python_of(event.json)
+        except ValueError as exc:
+            violations.append((f"{path}.json", str(exc)))
+            return source
+        if event.content_type and not _is_json_type(event.content_type):
+            violations.append(
+                (
+                    f"{path}.content_type",
+                    f"is {event.content_type!r} while json is set; it must be a JSON type "
+                    f"(application/json or */*+json), or empty for {JSON_CONTENT_TYPE}",
+                )
+            )
+            return source
+        text = json.dumps(
+            value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
+        event.payload = text.encode("utf-8")
+        event.content_type = event.content_type or JSON_CONTENT_TYPE
+        event.ClearField("json")
+    elif source == "text":
+        charset = _other_charset(event.content_type)
+        if charset is not None:
+            violations.append(
+                (
+                    f"{path}.content_type",
+                    f"names charset {charset!r} while text is set; text is stored as UTF-8, so "
+                    "name charset=utf-8 or no charset",
+                )
+            )
+            return source
+        event.payload = event.text.encode("utf-8")
+        event.content_type = event.content_type or TEXT_CONTENT_TYPE
+        event.ClearField("text")
+    return source
+
+
+def _python_of(value: struct_pb2.Value, at: str = "") -> Any:
+    """A Value as the Python object ``json.dumps`` writes: integral numbers a double holds exactly
+    as ints (1, not 1.0). ValueError, naming where (a JSON pointer), for what JSON cannot hold."""
+    where = f"the value at {at!r}" if at else "the value"
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {
+            key: _python_of(item, f"{at}/{key.replace('~', '~0').replace('/', '~1')}")
+            for key, item in value.struct_value.fields.items()
+        }
+    if kind == "list_value":
+        return [_python_of(item, f"{at}/{i}") for i, item in enumerate(value.list_value.values)]
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError(f"{where} is {number}; JSON numbers are finite")
+        return int(number) if number.is_integer() and abs(number) <= MAX_EXACT_INT else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "null_value":
+        return None
+    raise ValueError(f"{where} has no kind set (a JSON null is null_value)")
+
+
+def _decode_content(event: queue_pb2.Event) -> None:
+    """Move an event's payload into json or text (in place) where either holds it exactly, for
+    PAYLOAD_FORMAT_DECODED; otherwise leave the bytes."""
+    if _is_json_type(event.content_type):
+        value = _json_value(event.payload)
+        if value is not None:
+            event.json.CopyFrom(value)
+            event.ClearField("payload")
+            return
+    if _other_charset(event.content_type) is not None:
+        return
+    try:
+        event.text = event.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    event.ClearField("payload")
+
+
+def _json_value(payload: bytes) -> struct_pb2.Value | None:
+    """The payload as a Value, if it is JSON that a Value holds exactly: no duplicate keys, no
+    NaN or Infinity, integers within a double's exact range. None otherwise."""
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            raise ValueError("duplicate keys")
+        return obj
+
+    def exact_int(digits: str) -> int:
+        number = int(digits)
+        if abs(number) > MAX_EXACT_INT:
+            raise ValueError("integer beyond a double's exact range")
+        return number
+
+    def finite_float(digits: str) -> float:
+        number = float(digits)
+        if not math.isfinite(number):
+            raise ValueError("number beyond a double's range")
+        return number
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        parsed = json.loads(
+            payload.decode("utf-8"),
+            object_pairs_hook=unique_keys,
+            parse_int=exact_int,
+            parse_float=finite_float,
+            parse_constant=no_constant,
+        )
+        return json_format.ParseDict(parsed, struct_pb2.Value())
+    except (ValueError, RecursionError, json_format.ParseError):
+        return None
