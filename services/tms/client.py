@@ -1,11 +1,12 @@
 """The TMS process: one bidirectional stream to the WMS over one scheduler backend.
 
 Down the stream come start and stop commands; up go their confirmations and the workers' job
-states the moment they change. ``JobBook`` is the aggregation shared by every backend: it keeps
-each worker's latest job state per taskforce and hands out what changed since the last message
-(or everything, after a reconnect). The TMS keeps no state of its own: a restarted TMS adopts the
-clusters the WMS lists in its welcome, re-sends full snapshots, and answers a re-sent start with
-the cluster it already submitted (``Scheduler.find``), so a taskforce is never submitted twice.
+states (and their pilots' chirps, HTCondor only) the moment they change. ``JobBook`` is the
+aggregation shared by every backend: it keeps each worker's latest job state and chirps per
+taskforce and hands out what changed since the last message (or everything, after a reconnect).
+The TMS keeps no state of its own: a restarted TMS adopts the clusters the WMS lists in its
+welcome, re-sends full snapshots, and answers a re-sent start with the cluster it already
+submitted (``Scheduler.find``), so a taskforce is never submitted twice.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from google.protobuf import timestamp_pb2
 
 from ewms.v1 import task_manager_service_pb2 as tms_pb2
 from ewms.v1 import task_manager_service_pb2_grpc
+from services.tms.chirps import apply_chirp
 from services.tms.pilot_env import PilotEnvError, submit_spec
 from services.tms.scheduler import (
     ClusterLeft,
-    JobChange,
+    PilotChirp,
     Scheduler,
     SchedulerError,
     SchedulerEvent,
@@ -62,7 +64,9 @@ def _ts(seconds: float) -> timestamp_pb2.Timestamp:
 
 @dataclass
 class JobBook:
-    """Every worker's latest job state, by taskforce, and what changed since it was last sent."""
+    """Every worker's latest job state and chirps, by taskforce, and what changed since it was
+    last sent. A worker is sent once it has a job state (its pilot may chirp before the scheduler's
+    first event about its job is read)."""
 
     workers: dict[str, dict[str, tms_pb2.WorkerJobState]] = field(default_factory=dict)
     dirty: dict[str, set[str]] = field(default_factory=dict)
@@ -72,37 +76,44 @@ class JobBook:
         if isinstance(event, ClusterLeft):
             self.left[event.taskforce_uuid] = event.time
             return
-        state = tms_pb2.WorkerJobState(
-            worker_id=event.worker_id,
-            job_state=event.state,
-            hold_reason=event.hold_reason,
-            timestamp=_ts(event.time),
-        )
-        self.workers.setdefault(event.taskforce_uuid, {})[event.worker_id] = state
+        known = self.workers.setdefault(event.taskforce_uuid, {})
+        state = known.get(event.worker_id)
+        if state is None:
+            state = known[event.worker_id] = tms_pb2.WorkerJobState(worker_id=event.worker_id)
+        if isinstance(event, PilotChirp):
+            if not apply_chirp(state.chirps, event.chirp):
+                return
+        else:
+            state.job_state = event.state
+            state.hold_reason = event.hold_reason
+            state.timestamp.CopyFrom(_ts(event.time))
         self.dirty.setdefault(event.taskforce_uuid, set()).add(event.worker_id)
 
     def changes(self) -> tms_pb2.JobStatusSnapshot | None:
         """What changed since the last call, or None."""
-        if not self.dirty:
-            return None
         snap = tms_pb2.JobStatusSnapshot()
         for uuid, ids in sorted(self.dirty.items()):
             known = self.workers[uuid]
-            snap.taskforces.add(taskforce_uuid=uuid, workers=[known[w] for w in sorted(ids)])
-        self.dirty.clear()
-        return snap
+            workers = [known[w] for w in sorted(ids) if known[w].job_state]
+            if workers:
+                snap.taskforces.add(taskforce_uuid=uuid, workers=workers)
+        # A worker with chirps and no job state yet stays dirty until it has one.
+        self.dirty = {
+            uuid: waiting
+            for uuid, ids in self.dirty.items()
+            if (waiting := {w for w in ids if not self.workers[uuid][w].job_state})
+        }
+        return snap if snap.taskforces else None
 
     def full(self) -> tms_pb2.JobStatusSnapshot | None:
         """Every taskforce's every worker (after a reconnect); clears what was pending."""
         self.dirty.clear()
-        if not self.workers:
-            return None
         snap = tms_pb2.JobStatusSnapshot()
         for uuid, known in sorted(self.workers.items()):
-            snap.taskforces.add(
-                taskforce_uuid=uuid, full=True, workers=[known[w] for w in sorted(known)]
-            )
-        return snap
+            workers = [known[w] for w in sorted(known) if known[w].job_state]
+            if workers:
+                snap.taskforces.add(taskforce_uuid=uuid, full=True, workers=workers)
+        return snap if snap.taskforces else None
 
 
 class TmsClient:
@@ -344,7 +355,7 @@ class TmsClient:
     async def _follow_scheduler(self) -> None:
         async for event in self._scheduler.events():
             self.book.apply(event)
-            if isinstance(event, JobChange):
+            if not isinstance(event, ClusterLeft):
                 self._flush_wanted.set()
             else:
                 # Job states first, so the WMS sees every job leave before the cluster does.

@@ -13,6 +13,8 @@ follows each JEL: there is no file-change notification in the standard library, 
 (``JobEventLog.events(stop_after=0)``, every ``poll_interval`` seconds while idle), which is cheap
 for a file only the schedd appends to. A restarted TMS ``adopt``s the clusters the WMS knows and
 re-reads their JELs from the top, so every job's state is sent again (the WMS overwrites).
+Reading a JEL is job_event_log.py's; a held job's reason is rendered by hold_reasons.py; a pilot's
+chirps (GENERIC events, chirps.py) come out as ``PilotChirp`` events.
 """
 
 from __future__ import annotations
@@ -23,25 +25,30 @@ import shlex
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import htcondor2  # type: ignore[import-untyped]
 import structlog
 
+from services.tms.hold_reasons import hold_reason_text
+from services.tms.job_event_log import (
+    CLUSTER_REMOVE,
+    EVENT_STATES,
+    GENERIC,
+    SUBMIT,
+    JelReader,
+    LogEvent,
+)
 from services.tms.scheduler import (
     COMPLETED,
     HELD,
-    IDLE,
     REMOVED,
-    RUNNING,
-    SUSPENDED,
     WORKER_ID_VARIABLE,
     ClusterLeft,
     JobChange,
-    JobState,
+    PilotChirp,
     SchedulerError,
     SchedulerEvent,
     SubmitSpec,
@@ -78,79 +85,6 @@ DEFAULT_CONDOR_REQUIREMENTS = " && ".join(
         'OSG_SITE_NAME =!= "Wichita State University"',
     ]
 )
-
-# HoldReasonCode → what it means (HTCondor's hold reason codes). A held job's hold_reason is this
-# message, then ": " and the event's own HoldReason text when it has one.
-HOLD_REASONS: Mapping[int, str] = {
-    0: "Unspecified hold reason",
-    1: "Held by a user (condor_hold)",
-    2: "Globus GRAM error",
-    3: "Periodic hold or on-exit hold policy was true",
-    4: "The job's credentials are invalid",
-    5: "A job policy expression evaluated to Undefined",
-    6: "The starter failed to start the executable",
-    7: "The job's standard output file could not be opened",
-    8: "The job's standard input file could not be opened",
-    9: "The job's standard output stream could not be opened",
-    10: "The job's standard input stream could not be opened",
-    11: "Internal HTCondor protocol error while transferring files",
-    12: "Error transferring output files",
-    13: "Error transferring input files",
-    14: "The job's initial working directory cannot be accessed",
-    15: "Submitted on hold",
-    16: "Input files are being spooled",
-    17: "The job is not compatible with the shadow version",
-    18: "Internal HTCondor protocol error while transferring files",
-    19: "The prepare-job hook failed",
-    20: "The job missed its deferred execution time",
-    21: "Held by the execution point's policy (WANT_HOLD)",
-    22: "The job event log could not be initialized",
-    23: "Failed to access the user account",
-    24: "No compatible shadow",
-    25: "Invalid cron settings",
-    26: "The system periodic hold policy was true",
-    27: "The system periodic hold policy evaluated to Undefined",
-    28: "glexec failed to give the sandbox to the user",
-    29: "privsep failed to give the sandbox to the user",
-    30: "glexec failed to give the sandbox back to HTCondor",
-    31: "privsep failed to give the sandbox back to HTCondor",
-    32: "Maximum total input transfer size exceeded",
-    33: "Maximum total output transfer size exceeded",
-    34: "Memory usage exceeds a memory limit",
-    35: "Invalid container image",
-    36: "The job failed when sent its checkpoint signal",
-    37: "EC2 user error",
-    38: "EC2 internal error",
-    39: "EC2 administrator error",
-    40: "EC2 connection problem",
-    41: "EC2 server error",
-    42: "EC2 instance potentially lost",
-    43: "PRE script failed",
-    44: "POST script failed",
-    45: "The singularity runtime test failed",
-    46: "The job's allowed duration was exceeded",
-    47: "The job's allowed execution time was exceeded",
-    48: "The prepare-job shadow hook failed",
-}
-
-_EVENT = htcondor2.JobEventType
-# The condor_watch_q mapping, as the original: JEL event → the job's new state.
-EVENT_STATES: Mapping[int, JobState] = {
-    int(_EVENT.SUBMIT): IDLE,
-    int(_EVENT.JOB_EVICTED): IDLE,
-    int(_EVENT.JOB_UNSUSPENDED): IDLE,
-    int(_EVENT.JOB_RELEASED): IDLE,
-    int(_EVENT.SHADOW_EXCEPTION): IDLE,
-    int(_EVENT.JOB_RECONNECT_FAILED): IDLE,
-    int(_EVENT.EXECUTE): RUNNING,
-    int(_EVENT.JOB_TERMINATED): COMPLETED,
-    int(_EVENT.JOB_HELD): HELD,
-    int(_EVENT.JOB_SUSPENDED): SUSPENDED,
-    int(_EVENT.JOB_ABORTED): REMOVED,
-}
-_SUBMIT = int(_EVENT.SUBMIT)
-_CLUSTER_REMOVE = int(_EVENT.CLUSTER_REMOVE)
-_READ_BATCH = 1000  # events read per thread hop
 
 
 # --- the schedd -------------------------------------------------------------------------------
@@ -305,90 +239,6 @@ def build_submit(
         sub["output"] = str(directory / "cluster-$(ClusterId)" / "$(ProcId).out")
         sub["error"] = str(directory / "cluster-$(ClusterId)" / "$(ProcId).err")
     return htcondor2.Submit(sub), sub
-
-
-# --- reading a job event log -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Event:
-    """What the scheduler uses of one JEL event."""
-
-    type: int
-    cluster: int
-    proc: int
-    time: float
-    hold_code: int | None = None
-    hold_reason: str = ""
-
-
-def hold_reason_text(code: int | None, reason: str) -> str:
-    """A held job's reason: the hold code's meaning, then the event's own text."""
-    message = HOLD_REASONS.get(code, f"Hold reason code {code}") if code is not None else "Held"
-    return f"{message}: {reason}" if reason else message
-
-
-def _event_time(text: str) -> float:
-    # Local time unless the schedd writes UTC ("Z"); JobEvent.timestamp ignores the "Z".
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return 0.0
-
-
-class _JelReader:
-    """One JEL, read in batches on a worker thread; the lock keeps a late read and ``close``
-    apart."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._jel: Any = None
-
-    @property
-    def opened(self) -> bool:
-        return self._jel is not None
-
-    def read(self) -> list[_Event]:
-        """The events appended since the last read (at most _READ_BATCH); corrupt ones are
-        logged and skipped. Nothing while the file does not exist yet (the schedd creates the
-        day's JEL at its first submit)."""
-        out: list[_Event] = []
-        with self._lock:
-            if self._jel is None:
-                if not self.path.exists():
-                    return out
-                self._jel = htcondor2.JobEventLog(str(self.path))
-            events = self._jel.events(stop_after=0)
-            for _ in range(_READ_BATCH):
-                try:
-                    out.append(_parse(next(events)))
-                except StopIteration:
-                    break
-                except (htcondor2.HTCondorException, ValueError, TypeError) as e:
-                    # A ULOG_RD_ERROR used to crash-loop the original TMS; the reader resyncs.
-                    log.warning("corrupt job event skipped", jel=str(self.path), error=str(e))
-        return out
-
-    def close(self) -> None:
-        with self._lock:
-            if self._jel is not None:
-                self._jel.close()
-                self._jel = None
-
-
-def _parse(event: Mapping[str, Any]) -> _Event:
-    # By the raw number: JobEvent.type raises for numbers its enum lacks.
-    number = int(event.get("EventTypeNumber", -1))
-    hold_code = event.get("HoldReasonCode")
-    return _Event(
-        type=number,
-        cluster=int(event.get("Cluster", -1)),
-        proc=int(event.get("Proc", -1)),
-        time=_event_time(str(event.get("EventTime", ""))),
-        hold_code=int(hold_code) if hold_code is not None else None,
-        hold_reason=str(event.get("HoldReason", "")),
-    )
 
 
 # --- the scheduler ---------------------------------------------------------------------------
@@ -568,7 +418,7 @@ class HTCondorScheduler:
         self._followers[path] = task
 
     async def _follow_jel(self, path: Path) -> None:
-        reader = _JelReader(path)
+        reader = JelReader(path)
         try:
             while True:
                 events = await asyncio.to_thread(reader.read)
@@ -588,17 +438,31 @@ class HTCondorScheduler:
                 del self._followers[path]
             await asyncio.to_thread(reader.close)
 
-    def _handle(self, event: _Event) -> None:
+    def _handle(self, event: LogEvent) -> None:
         submitted = self._clusters.get(event.cluster)
         if submitted is None or event.cluster in self._left:
             return  # not ours (or no longer)
-        if event.type == _CLUSTER_REMOVE:
+        if event.type == CLUSTER_REMOVE:
             self._leave(submitted, event.time)
+            return
+        if event.type == GENERIC:
+            if event.chirp is not None and event.proc >= 0:
+                self._queue.put_nowait(
+                    PilotChirp(
+                        taskforce_uuid=submitted.taskforce_uuid,
+                        cluster_id=event.cluster,
+                        proc_id=event.proc,
+                        chirp=event.chirp,
+                        time=event.time,
+                    )
+                )
             return
         state = EVENT_STATES.get(event.type)
         if state is None or event.proc < 0:
             return
-        hold_reason = hold_reason_text(event.hold_code, event.hold_reason) if state == HELD else ""
+        hold_reason = ""
+        if state == HELD:
+            hold_reason = hold_reason_text(event.hold_code, event.hold_subcode, event.hold_reason)
         self._queue.put_nowait(
             JobChange(
                 taskforce_uuid=submitted.taskforce_uuid,
@@ -609,7 +473,7 @@ class HTCondorScheduler:
                 hold_reason=hold_reason,
             )
         )
-        if event.type == _SUBMIT:
+        if event.type == SUBMIT:
             self._submitted_procs[event.cluster].add(event.proc)
         if state in (COMPLETED, REMOVED):
             self._ended_procs[event.cluster].add(event.proc)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 from ewms.v1 import taskforce_pb2
+from services.tms.chirps import Chirp
 
 JobState: TypeAlias = taskforce_pb2.JobState.ValueType
 
@@ -106,7 +107,23 @@ class ClusterLeft:
     time: float
 
 
-SchedulerEvent = JobChange | ClusterLeft
+@dataclass(frozen=True)
+class PilotChirp:
+    """Something a worker's pilot chirped (HTChirp into the job event log: HTCondor only).
+    ``time`` is when the scheduler recorded it (epoch seconds)."""
+
+    taskforce_uuid: str
+    cluster_id: int
+    proc_id: int
+    chirp: Chirp
+    time: float
+
+    @property
+    def worker_id(self) -> str:
+        return worker_id(self.cluster_id, self.proc_id)
+
+
+SchedulerEvent = JobChange | PilotChirp | ClusterLeft
 
 
 class Scheduler(Protocol):
@@ -135,7 +152,8 @@ class Scheduler(Protocol):
         ...
 
     def events(self) -> AsyncIterator[SchedulerEvent]:
-        """Job-state changes and cluster departures, in order, as they happen. One consumer."""
+        """Job-state changes, pilot chirps and cluster departures, in order, as they happen. One
+        consumer."""
         ...
 
     async def close(self) -> None:

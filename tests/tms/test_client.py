@@ -13,15 +13,25 @@ from typing import TypeVar
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
+from ewms.v1 import task_manager_service_pb2 as tms_pb2
 from ewms.v1 import taskforce_pb2, workflow_service_pb2, workflow_service_pb2_grpc
 from services.auth import Role
+from services.tms.chirps import Chirp
 from services.tms.client import JobBook, TmsClient
 from services.tms.htcondor import HTCondorScheduler
-from services.tms.scheduler import COMPLETED, RUNNING, ClusterLeft, JobChange
+from services.tms.scheduler import COMPLETED, RUNNING, ClusterLeft, JobChange, PilotChirp
 from services.wms import RunningWms
 from tests.conftest import bearer
-from tests.tms.test_htcondor import FakeSchedd, aborted, cluster_removed, executing, held
+from tests.tms.test_htcondor import (
+    FakeSchedd,
+    aborted,
+    cluster_removed,
+    executing,
+    generic,
+    held,
+)
 from tests.wms.requests import minimal_task, workflow_request
 
 Phase = taskforce_pb2.TaskforcePhase
@@ -59,6 +69,38 @@ def test_the_job_book_sends_changes_then_everything_after_a_reconnect() -> None:
         ("7.1", COMPLETED),
     ]
     assert book.left == {"TF-a": 3.0}
+
+
+def test_the_job_book_sends_each_workers_chirps_with_its_job_state() -> None:
+    book = JobBook()
+    book.apply(JobChange("TF-a", 7, 0, RUNNING, 1.0))
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("Status", "Tasking"), 2.0))
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("TasksTotal", 4), 2.0))
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("Error", "task failed: exit 3\nstderr: boom"), 2.0))
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("LastUpdatedTimestamp", 1795860061), 2.0))
+    (worker,) = book.changes().taskforces[0].workers  # type: ignore[union-attr]
+    assert worker.job_state == RUNNING
+    assert worker.chirps == tms_pb2.PilotChirps(
+        phase=taskforce_pb2.PILOT_PHASE_TASKING,
+        last_error="task failed: exit 3",  # the first line, as a pilot's own stream says it
+        counters=taskforce_pb2.TaskCounters(events_received=4),
+        last_updated=timestamp_pb2.Timestamp(seconds=1795860061),
+    )
+    # The same again changes nothing; nor does a status no pilot has.
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("Status", "Tasking"), 3.0))
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("Status", "Napping"), 3.0))
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("ErrorTraceback", "Traceback …"), 3.0))
+    assert book.changes() is None
+
+
+def test_chirps_of_a_worker_with_no_job_state_yet_wait_for_it() -> None:
+    book = JobBook()
+    book.apply(PilotChirp("TF-a", 7, 0, Chirp("Status", "Started"), 1.0))
+    assert book.changes() is None
+    assert book.full() is None
+    book.apply(JobChange("TF-a", 7, 0, RUNNING, 2.0))
+    (worker,) = book.changes().taskforces[0].workers  # type: ignore[union-attr]
+    assert (worker.job_state, worker.chirps.phase) == (RUNNING, taskforce_pb2.PILOT_PHASE_STARTED)
 
 
 @pytest.fixture
@@ -146,6 +188,51 @@ async def test_an_htcondor_taskforce_is_submitted_followed_and_removed(
             f.write(cluster_removed(123, "10:00:04"))
         done = await eventually(lambda: in_phase(Phase.TASKFORCE_PHASE_CONDOR_COMPLETE), "done")
         assert {c.job_state for c in done.compound_statuses} == {taskforce_pb2.JOB_STATE_REMOVED}
+    finally:
+        await tms.stop()
+
+
+async def test_a_pilot_that_only_chirps_shows_its_phase_and_error(
+    wms: RunningWms, stub: workflow_service_pb2_grpc.WorkflowServiceStub, tmp_path: Path
+) -> None:
+    # Its pilots cannot reach the WMS: all it knows of them is what they chirp into the JEL.
+    admin = bearer(wms.authority.mint("root", Role.ADMIN, 3600))
+    tms = Tms(wms, tmp_path / "jel", FakeSchedd())
+    try:
+        created = await stub.CreateWorkflow(
+            workflow_request(minimal_task(cluster_locations=["osg"], n_workers=2)),
+            metadata=admin,
+        )
+        uuid = created.taskforces[0].taskforce_uuid
+
+        async def taskforce() -> taskforce_pb2.Taskforce:
+            return await stub.GetTaskforce(
+                workflow_service_pb2.GetTaskforceRequest(taskforce_uuid=uuid), metadata=admin
+            )
+
+        async def submitted() -> taskforce_pb2.Taskforce | None:
+            tf = await taskforce()
+            return tf if tf.phase == Phase.TASKFORCE_PHASE_CONDOR_SUBMIT else None
+
+        tf = await eventually(submitted, "submit")
+        with Path(tf.job_event_log_fpath).open("a") as f:  # noqa: ASYNC230 (the schedd's log)
+            f.write(executing("123.0", "10:00:01") + executing("123.1", "10:00:01"))
+            f.write(generic("123.0", "10:00:02", 'HTChirpEWMSPilotStatus: "Tasking"'))
+            f.write(generic("123.0", "10:00:02", "HTChirpEWMSPilotTasksSuccess: 3"))
+            f.write(generic("123.1", "10:00:03", 'HTChirpEWMSPilotStatus: "FatalError"'))
+            f.write(generic("123.1", "10:00:03", 'HTChirpEWMSPilotError: "no space\\nleft"'))
+
+        async def chirped() -> taskforce_pb2.Taskforce | None:
+            tf = await taskforce()
+            return tf if len(tf.compound_statuses) == 2 and tf.top_task_errors else None
+
+        tf = await eventually(chirped, "the chirped phases")
+        assert {(c.job_state, c.pilot_phase, c.count) for c in tf.compound_statuses} == {
+            (taskforce_pb2.JOB_STATE_RUNNING, taskforce_pb2.PILOT_PHASE_TASKING, 1),
+            (taskforce_pb2.JOB_STATE_RUNNING, taskforce_pb2.PILOT_PHASE_FATAL_ERROR, 1),
+        }
+        assert dict(tf.top_task_errors) == {"no space": 1}
+        assert tf.counters.tasks_succeeded == 3
     finally:
         await tms.stop()
 

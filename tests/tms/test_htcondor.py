@@ -32,7 +32,6 @@ from services.tms.htcondor import (
     HTCondorScheduler,
     build_submit,
     condor_size,
-    hold_reason_text,
     priority_expression,
     write_envfile,
 )
@@ -360,6 +359,12 @@ def cluster_removed(cluster: int, when: str) -> str:
     )
 
 
+def generic(job: str, when: str, info: str) -> str:
+    """A GENERIC event (what ``condor_chirp ulog`` and HTChirp's ``ulog`` write, e.g. a pilot's
+    chirp): ``008``, the job, the time, then the text on the event's own line."""
+    return ev(8, job, when, info)
+
+
 def image_size(job: str, when: str) -> str:
     return ev(6, job, when, "Image size of job updated: 2048", "40  -  MemoryUsage of job (MB)")
 
@@ -581,12 +586,90 @@ async def test_a_cluster_adopted_into_a_followed_log_gets_its_earlier_events(
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("follow ")]
 
 
-def test_hold_reason_is_the_codes_meaning_then_the_events_text() -> None:
-    assert hold_reason_text(34, "") == "Memory usage exceeds a memory limit"
-    assert hold_reason_text(1, "via condor_hold (by user ewms)") == (
-        "Held by a user (condor_hold): via condor_hold (by user ewms)"
-    )
-    assert hold_reason_text(97, "new") == "Hold reason code 97: new"
+def held_without_code(job: str, when: str, reason: str) -> str:
+    # A hold written with no "Code" line (htcondor2 reads it as code 0).
+    return ev(12, job, when, "Job was held.", reason)
+
+
+MEMORY = "Memory usage exceeds a memory limit"
+INPUT_TRANSFER = "An error occurred while transferring job input files"
+OUTPUT_TRANSFER = "An error occurred while transferring job output files or self-checkpoint files"
+OOM = "Error from slot1_1@ep.example.org: Job has gone over cgroup memory limit of 512 megabytes."
+PELICAN = "Transfer input files failure at execution point slot1_1@ep using protocol osdf."
+
+
+@pytest.mark.parametrize(
+    ("event", "hold_reason"),
+    [
+        # Subcode 0 is none: the original's "HELD: Memory usage exceeds a memory limit".
+        (held("123.0", "10:01:00", OOM, 34), f"{MEMORY}: {OOM}"),
+        # HTCondor >= 24 names the resource that ran out.
+        (held("123.0", "10:01:00", OOM, 34, 102), f"{MEMORY}: {OOM}"),
+        (
+            held("123.0", "10:01:00", "Disk usage exceeded", 34, 104),
+            "Disk usage exceeds a disk limit: Disk usage exceeded",
+        ),
+        # Transfer errors: an errno, or a file-transfer plug-in's exit code (<< 8) or timeout.
+        (
+            held("123.0", "10:01:00", PELICAN, 13, 2),
+            f"{INPUT_TRANSFER}: subcode 2 (ENOENT): {PELICAN}",
+        ),
+        (
+            held("123.0", "10:01:00", PELICAN, 13, 256),
+            f"{INPUT_TRANSFER}: subcode 256 (plug-in exit code 1): {PELICAN}",
+        ),
+        (
+            held("123.0", "10:01:00", "plugin timed out", 12, 62),
+            f"{OUTPUT_TRANSFER}: subcode 62 (ETIME: plug-in timed out): plugin timed out",
+        ),
+        (
+            held("123.0", "10:01:00", "Cannot execute /bin/pilot", 6, 13),
+            "The condor_starter failed to start the executable: subcode 13 (EACCES): "
+            "Cannot execute /bin/pilot",
+        ),
+        (
+            held("123.0", "10:01:00", "The job attribute PeriodicHold expression is true", 3, 7),
+            "The PERIODIC_HOLD expression evaluated to True. Or, ON_EXIT_HOLD was true: "
+            "subcode 7 (user provided): The job attribute PeriodicHold expression is true",
+        ),
+        # Subcodes with a message of their own.
+        (
+            held("123.0", "10:01:00", "no key", 37, 1),
+            "User error in the EC2 universe: Public key file not defined: no key",
+        ),
+        (
+            held("123.0", "10:01:00", "via condor_hold (by user ewms)", 1),
+            "The user put the job on hold with condor_hold: via condor_hold (by user ewms)",
+        ),
+        (held("123.0", "10:01:00", "", 47), "The job's allowed execution time was exceeded"),
+        (held_without_code("123.0", "10:01:00", "held"), "Unspecified hold reason: held"),
+        # A code HTCondor's table lacks (newer than ours, or retired).
+        (held("123.0", "10:01:00", "new", 97, 3), "Hold reason code 97: subcode 3: new"),
+    ],
+)
+async def test_a_held_jobs_reason_is_its_codes_meaning_subcode_and_the_events_text(
+    scheduler: HTCondorScheduler, tmp_path: Path, event: str, hold_reason: str
+) -> None:
+    jel = tmp_path / "2026-11-21.tms.jel"
+    jel.write_text(submitted("123.0", "10:00:00") + event)
+    await scheduler.adopt([cluster(123, jel)])
+    assert await take(scheduler, 2) == [
+        change("123.0", IDLE, "10:00:00"),
+        change("123.0", HELD, "10:01:00", hold_reason),
+    ]
+
+
+async def test_a_hold_reason_is_cut_to_what_the_wms_takes(
+    scheduler: HTCondorScheduler, tmp_path: Path
+) -> None:
+    jel = tmp_path / "2026-11-21.tms.jel"
+    jel.write_text(held("123.0", "10:01:00", "x" * 6000, 13, 2))
+    await scheduler.adopt([cluster(123, jel)])
+    [got] = await take(scheduler, 1)
+    assert isinstance(got, JobChange)
+    assert len(got.hold_reason) == 4096
+    assert got.hold_reason.startswith(f"{INPUT_TRANSFER}: subcode 2 (ENOENT): xxx")
+    assert got.hold_reason.endswith("x…")
 
 
 # --- starts and stops through the schedd -----------------------------------------------------

@@ -729,6 +729,139 @@ async def test_a_pilot_whose_job_state_is_unknown_is_counted_as_unspecified(env:
     )
 
 
+def chirping(
+    uuid: str,
+    *workers: tuple[str, int, tms.PilotChirps | None],
+    full: bool = False,
+) -> tms.JobStatusSnapshot:
+    """A snapshot of one taskforce's workers, each (worker id, job state, what its pilot
+    chirped)."""
+    return tms.JobStatusSnapshot(
+        taskforces=[
+            tms.TaskforceJobStatus(
+                taskforce_uuid=uuid,
+                full=full,
+                workers=[
+                    tms.WorkerJobState(worker_id=w, job_state=s, chirps=c)  # type: ignore[arg-type]
+                    for w, s, c in workers
+                ],
+            )
+        ]
+    )
+
+
+async def test_a_worker_whose_pilot_has_no_stream_shows_what_its_pilot_chirped(
+    env: Env,
+) -> None:
+    stream = env.tms("osg")
+    await stream.hello("osg", scheduler="htcondor")
+    tf, _ = await submitted_taskforce(env, stream, 7, n_workers=3, location="osg")
+    uuid = tf.taskforce_uuid
+
+    await stream.send(
+        snapshot=chirping(
+            uuid,
+            (
+                "7.0",
+                Job.JOB_STATE_RUNNING,
+                tms.PilotChirps(
+                    phase=Pilot.PILOT_PHASE_TASKING,
+                    counters=taskforce_pb2.TaskCounters(events_received=5, tasks_succeeded=4),
+                ),
+            ),
+            (
+                "7.1",
+                Job.JOB_STATE_RUNNING,
+                tms.PilotChirps(phase=Pilot.PILOT_PHASE_FATAL_ERROR, last_error="disk full"),
+            ),
+            ("7.2", Job.JOB_STATE_IDLE, None),
+            full=True,
+        )
+    )
+
+    await compound_statuses_become(
+        env,
+        uuid,
+        compound(
+            (Job.JOB_STATE_IDLE, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1),
+            (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_TASKING, 1),
+            (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_FATAL_ERROR, 1),
+        ),
+    )
+    got = await env.taskforce(uuid)
+    assert dict(got.top_task_errors) == {"disk full": 1}
+    assert got.counters == taskforce_pb2.TaskCounters(events_received=5, tasks_succeeded=4)
+
+    # A later partial snapshot replaces what a worker chirped.
+    await stream.send(
+        snapshot=chirping(
+            uuid,
+            ("7.1", Job.JOB_STATE_COMPLETED, tms.PilotChirps(phase=Pilot.PILOT_PHASE_DONE)),
+        )
+    )
+    await compound_statuses_become(
+        env,
+        uuid,
+        compound(
+            (Job.JOB_STATE_IDLE, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1),
+            (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_TASKING, 1),
+            (Job.JOB_STATE_COMPLETED, "", Pilot.PILOT_PHASE_DONE, 1),
+        ),
+    )
+    assert not (await env.taskforce(uuid)).top_task_errors
+
+
+async def test_a_pilots_own_stream_wins_over_its_chirps_even_after_it_ended(env: Env) -> None:
+    stream = env.tms("osg")
+    await stream.hello("osg", scheduler="htcondor")
+    tf, start = await submitted_taskforce(env, stream, 7, n_workers=2, location="osg")
+    uuid = tf.taskforce_uuid
+    pilot = env.pilot(start.pilot_token)
+    await pilot.hello(uuid, worker_id="7.0")
+    await pilot.status(Pilot.PILOT_PHASE_DRAINING, tasks_succeeded=9)
+
+    tasking = tms.PilotChirps(
+        phase=Pilot.PILOT_PHASE_TASKING,
+        last_error="stale chirp",
+        counters=taskforce_pb2.TaskCounters(tasks_succeeded=1),
+    )
+    await stream.send(
+        snapshot=chirping(
+            uuid,
+            ("7.0", Job.JOB_STATE_RUNNING, tasking),
+            ("7.1", Job.JOB_STATE_RUNNING, tasking),
+            full=True,
+        )
+    )
+
+    both = compound(
+        (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_TASKING, 1),
+        (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_DRAINING, 1),
+    )
+    await compound_statuses_become(env, uuid, both)
+    got = await env.taskforce(uuid)
+    assert dict(got.top_task_errors) == {"stale chirp": 1}  # 7.1's only
+    assert got.counters.tasks_succeeded == 9 + 1
+
+    # The pilot's stream ends; what it last said still wins over a newer chirp.
+    pilot.call.cancel()
+    await stream.send(
+        snapshot=chirping(
+            uuid,
+            ("7.0", Job.JOB_STATE_RUNNING, tms.PilotChirps(phase=Pilot.PILOT_PHASE_DONE)),
+        )
+    )
+    await stream.send(snapshot=snapshot(uuid, ("7.1", Job.JOB_STATE_RUNNING, "")))
+    await compound_statuses_become(
+        env,
+        uuid,
+        compound(
+            (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1),
+            (Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_DRAINING, 1),
+        ),
+    )
+
+
 async def test_partial_snapshots_update_and_a_full_snapshot_replaces_worker_states(
     env: Env,
 ) -> None:
@@ -855,6 +988,30 @@ async def test_snapshot_of_another_locations_taskforce_is_ignored(env: Env) -> N
         (tms.WorkerJobState(worker_id="1.0"), "job_state"),
         (tms.WorkerJobState(worker_id="1.0", job_state=99), "job_state"),  # type: ignore[arg-type]
         (tms.WorkerJobState(job_state=Job.JOB_STATE_IDLE), "worker_id"),
+        (
+            tms.WorkerJobState(
+                worker_id="1.0",
+                job_state=Job.JOB_STATE_RUNNING,
+                chirps=tms.PilotChirps(phase=42),  # type: ignore[arg-type]
+            ),
+            "chirps.phase",
+        ),
+        (
+            tms.WorkerJobState(
+                worker_id="1.0",
+                job_state=Job.JOB_STATE_RUNNING,
+                chirps=tms.PilotChirps(last_error="x" * 4097),
+            ),
+            "chirps.last_error",
+        ),
+        (
+            tms.WorkerJobState(
+                worker_id="1.0",
+                job_state=Job.JOB_STATE_RUNNING,
+                chirps=tms.PilotChirps(counters=taskforce_pb2.TaskCounters(tasks_failed=-1)),
+            ),
+            "chirps.counters.tasks_failed",
+        ),
     ],
 )
 async def test_invalid_snapshot_field_is_invalid_argument_naming_it(

@@ -7,7 +7,9 @@ dirty and ended when nothing is, commits the dirty pilots, their taskforces' rol
 (``Taskforce.counters``, ``top_task_errors``) and new commands in one transaction at most every
 ``flush_interval`` seconds. Lifecycle events are kept in memory only (the last
 ``RECENT_TASK_EVENTS`` per taskforce) and handed to listeners, one change per event, whether they
-came alone or in a batch.
+came alone or in a batch. A worker whose pilot never opened a stream is known by what it chirped
+into its HTCondor job event log, as its TMS reports it (``report_chirps``); a pilot's own stream
+wins (``joined_pilots``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import enum
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,12 +215,14 @@ class PilotSession(Outbox[Response]):
 
 @dataclass
 class _Taskforce:
-    """A taskforce's pilots (every one ever stored, once loaded), streams and recent events."""
+    """A taskforce's pilots (every one ever stored, once loaded), streams and recent events, and
+    what its TMS says its pilots chirped (memory only: a TMS re-sends it after a reconnect)."""
 
     workflow_id: str
     pilots: dict[str, PilotState]
     sessions: dict[str, PilotSession] = field(default_factory=dict)
     events: deque[TaskEventRecord] = field(default_factory=lambda: deque(maxlen=RECENT_TASK_EVENTS))
+    chirped: dict[str, PilotState] = field(default_factory=dict)
 
 
 _PILOT_COLUMNS = (
@@ -278,6 +282,12 @@ def _from_row(row: tuple[Any, ...]) -> PilotState:
     )
 
 
+def _joined(tf: _Taskforce) -> dict[str, PilotState]:
+    if not tf.chirped:
+        return tf.pilots
+    return {**tf.chirped, **tf.pilots}
+
+
 # --- the registry ---
 
 
@@ -301,6 +311,8 @@ class PilotRegistry:
         self._listeners: list[PilotListener] = []
         self._dirty_pilots: set[tuple[str, str]] = set()
         self._dirty_commands: set[str] = set()
+        # Taskforces whose roll-up changed with no pilot row to write (chirps).
+        self._dirty_rollups: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         # Store transactions made for pilot state (one per flush), so coalescing can be observed.
@@ -330,7 +342,7 @@ class PilotRegistry:
         self._closing.set()
         if self._flusher is not None:
             await self._flusher
-        if self._dirty_pilots or self._dirty_commands:
+        if self._dirty_pilots or self._dirty_commands or self._dirty_rollups:
             await self._flush()
 
     # --- in-process API ---
@@ -392,11 +404,45 @@ class PilotRegistry:
         tf = self._taskforces.get(taskforce_uuid)
         return tf.pilots if tf is not None else None
 
+    def joined_pilots(self, taskforce_uuid: str) -> dict[str, PilotState] | None:
+        """``loaded_pilots`` and, for workers no pilot of which ever opened a stream, the state
+        their pilots chirped: a pilot's own stream wins (do not modify)."""
+        tf = self._taskforces.get(taskforce_uuid)
+        if tf is None:
+            return None
+        return _joined(tf)
+
+    def report_chirps(
+        self, taskforce_uuid: str, chirped: Mapping[str, PilotState | None], *, full: bool
+    ) -> None:
+        """What the taskforce's TMS says its pilots chirped, by worker id (None: nothing), every
+        worker when ``full``; the taskforce must be loaded. Changes the roll-up (written behind),
+        not the pilots: listeners are not told."""
+        known = self._taskforces[taskforce_uuid].chirped
+        changed = False
+        if full:
+            for worker in [w for w in known if chirped.get(w) is None]:
+                del known[worker]
+                changed = True
+        for worker, state in chirped.items():
+            if state is None:
+                changed |= known.pop(worker, None) is not None
+            elif known.get(worker) != state:
+                known[worker] = state
+                changed = True
+        if changed:
+            self._dirty_rollups.add(taskforce_uuid)
+            self._schedule_flush()
+
     def recent_task_events(self, taskforce_uuid: str) -> list[TaskEventRecord]:
         """The taskforce's last RECENT_TASK_EVENTS task lifecycle events since this WMS started,
         oldest first."""
         tf = self._taskforces.get(taskforce_uuid)
         return list(tf.events) if tf is not None else []
+
+    def connected_count(self) -> int:
+        """How many pilots have a stream open now."""
+        return sum(len(tf.sessions) for tf in self._taskforces.values())
 
     def listen(self, listener: PilotListener) -> Callable[[], None]:
         """Call ``listener`` with every pilot change from now on; returns the function that stops
@@ -580,7 +626,7 @@ class PilotRegistry:
         """Flush now, then at most once per interval while there is something to flush; end when
         there is nothing (the next change starts a new flusher)."""
         try:
-            while self._dirty_pilots or self._dirty_commands:
+            while self._dirty_pilots or self._dirty_commands or self._dirty_rollups:
                 ok = await self._flush()
                 if self._closing.is_set():
                     return
@@ -595,9 +641,11 @@ class PilotRegistry:
         transaction; on failure they stay dirty. Returns whether it committed."""
         keys, self._dirty_pilots = self._dirty_pilots, set()
         command_keys, self._dirty_commands = self._dirty_commands, set()
+        rollup_keys, self._dirty_rollups = self._dirty_rollups, set()
         rows = [_row(self._taskforces[uuid].pilots[worker]) for uuid, worker in keys]
         rollups = {
-            uuid: rollup(self._taskforces[uuid].pilots.values()) for uuid in {u for u, _ in keys}
+            uuid: rollup(_joined(self._taskforces[uuid]).values())
+            for uuid in {u for u, _ in keys} | rollup_keys
         }
         now = time.time()
         commands = [
@@ -624,6 +672,7 @@ class PilotRegistry:
             log.exception("pilot state flush failed", n_pilots=len(rows), n_commands=len(commands))
             self._dirty_pilots |= keys
             self._dirty_commands |= command_keys
+            self._dirty_rollups |= rollup_keys
             return False
         self.flushes += 1
         return True

@@ -11,7 +11,8 @@ One ``Dispatcher`` owns what happens to taskforces between creation and completi
   ``phase_change_log`` entries, retried after ``tms_retry_delay`` until ``tms_action_retries``
   failures, as in the original.
 - **Compound statuses** join each worker's job state (from the TMS's snapshots) with its pilot's
-  phase (from the pilot stream); a taskforce whose jobs have all left the queue is complete.
+  phase (from the pilot stream, or, for a worker no pilot of which ever opened one, what the pilot
+  chirped, as the snapshot carries it); a taskforce whose jobs have all left the queue is complete.
 
 Every pass is triggered by something that happened (a new workflow, a confirmation, a freed slot,
 a TMS connecting, a retry coming due); nothing polls.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -43,7 +45,13 @@ from services.auth import Role, TokenAuthority, current_principal
 from services.config import ClusterLocations
 from services.errors import ApiError, InvalidArgument, PermissionDenied, grpc_errors
 from services.wms.control.phases import log_phase
-from services.wms.control.pilots import PilotChange, PilotRegistry, PilotState, rollup
+from services.wms.control.pilots import (
+    Counters,
+    PilotChange,
+    PilotRegistry,
+    PilotState,
+    rollup,
+)
 from services.wms.control.streams import Outbox
 from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, Store, Tx
 from services.wms.validation import Violations
@@ -121,6 +129,27 @@ def compound_statuses(
         )
         for (state, reason, phase), n in sorted(counts.items())
     ]
+
+
+def _chirped(uuid: str, worker: task_manager_service_pb2.WorkerJobState) -> PilotState | None:
+    """The pilot state a worker's chirps stand for, if it chirped."""
+    if not worker.HasField("chirps"):
+        return None
+    c = worker.chirps
+    last_updated = c.last_updated.ToNanoseconds() / 1e9 if c.HasField("last_updated") else None
+    return PilotState(
+        taskforce_uuid=uuid,
+        worker_id=worker.worker_id,
+        host="",
+        pilot_version="",
+        phase=c.phase,
+        counters=Counters.from_proto(c.counters),
+        last_error=c.last_error,
+        connected=False,
+        first_seen=c.started.ToNanoseconds() / 1e9 if c.HasField("started") else 0.0,
+        last_seen=last_updated or 0.0,
+        status_time=last_updated,
+    )
 
 
 def _get_taskforce(tx: Tx, uuid: str) -> taskforce_pb2.Taskforce | None:
@@ -246,7 +275,7 @@ class Dispatcher:
         if compound is not None:
             del tf.compound_statuses[:]
             tf.compound_statuses.extend(compound)
-        pilots = self._pilots.loaded_pilots(tf.taskforce_uuid)
+        pilots = self._pilots.joined_pilots(tf.taskforce_uuid)
         if pilots:
             counters, errors = rollup(pilots.values())
             tf.counters.CopyFrom(counters.to_proto())
@@ -734,11 +763,16 @@ class Dispatcher:
             for worker in status.workers:
                 states[worker.worker_id] = (int(worker.job_state), worker.hold_reason)
             await self._pilots.load(uuid)
+            self._pilots.report_chirps(
+                uuid,
+                {w.worker_id: _chirped(uuid, w) for w in status.workers},
+                full=status.full,
+            )
             self._recompute(uuid)
 
     def _recompute(self, uuid: str) -> None:
         """The taskforce's compound statuses from what both sides last said; written behind."""
-        pilots = self._pilots.loaded_pilots(uuid) or {}
+        pilots = self._pilots.joined_pilots(uuid) or {}
         compound = compound_statuses(self._job_states.get(uuid, {}), pilots)
         if compound != self._compound.get(uuid):
             self._compound[uuid] = compound
@@ -847,6 +881,16 @@ def _validate_hello(
     return hello, location
 
 
+def _validate_chirps(v: Violations, path: str, c: task_manager_service_pb2.PilotChirps) -> None:
+    if c.phase not in taskforce_pb2.PilotPhase.values():
+        v.add(f"{path}.phase", f"must be a known pilot phase (got {c.phase})")
+    if len(c.last_error) > MAX_ERROR_CHARS:
+        v.add(f"{path}.last_error", f"at most {MAX_ERROR_CHARS} characters")
+    for name, value in dataclasses.asdict(Counters.from_proto(c.counters)).items():
+        if value < 0:
+            v.add(f"{path}.counters.{name}", f"must not be negative (got {value})")
+
+
 def _validate(req: Request) -> None:
     kind = req.WhichOneof("kind")
     v = Violations()
@@ -874,6 +918,8 @@ def _validate(req: Request) -> None:
                     v.add(f"{path}.job_state", f"must be a known job state (got {w.job_state})")
                 if len(w.hold_reason) > MAX_ERROR_CHARS:
                     v.add(f"{path}.hold_reason", f"at most {MAX_ERROR_CHARS} characters")
+                if w.HasField("chirps"):
+                    _validate_chirps(v, f"{path}.chirps", w.chirps)
     elif kind == "hello":
         v.add("hello", "only the first message may be a hello")
     else:
