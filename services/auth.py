@@ -3,6 +3,7 @@
 Roles: ``user`` (owns workflows), ``tms`` (a task management service, scoped to a cluster location),
 ``pilot`` (scoped to one taskforce), ``admin`` (everything). The WMS creates its signing secret and
 an admin token in its data directory on first start (mode 0600); ``ewms token create`` mints more.
+With ``EWMS_AUTH_ISSUER`` set, the tokens of that OIDC issuer are accepted too (``services.oidc``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import jwt
 
@@ -75,12 +77,42 @@ def require_role(principal: Principal, *roles: Role) -> None:
         raise PermissionDenied(f"role {principal.role.value!r} may not do this (needs: {allowed})")
 
 
-class TokenAuthority:
-    """Mints and verifies tokens with one secret."""
+class ExternalVerifier(Protocol):
+    """Verifies the tokens of one external issuer (``services.oidc.OidcVerifier``)."""
 
-    def __init__(self, secret: bytes) -> None:
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of the tokens it verifies."""
+        ...
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of a valid token; UNAUTHENTICATED or PERMISSION_DENIED otherwise."""
+        ...
+
+
+class TokenAuthority:
+    """Mints and verifies tokens with one secret; with ``external``, also accepts the tokens of an
+    external issuer (an OIDC identity provider) through ``verify_any``."""
+
+    def __init__(self, secret: bytes, external: ExternalVerifier | None = None) -> None:
         self._secret = secret
         self._verified: dict[str, tuple[Principal, float]] = {}
+        self.external = external
+
+    async def verify_any(self, token: str) -> Principal:
+        """The principal of a valid token of this WMS or of the external issuer, chosen by the
+        token's (unverified) ``iss``; UNAUTHENTICATED or PERMISSION_DENIED otherwise."""
+        if self.external is None or token in self._verified:
+            return self.verify(token)
+        issuer = _unverified_issuer(token)
+        if issuer == self.external.issuer:
+            return await self.external.verify(token)
+        if issuer != ISSUER:
+            raise Unauthenticated(
+                f"token issuer {issuer!r} is not trusted "
+                f"(accepted: {ISSUER!r}, {self.external.issuer!r})"
+            )
+        return self.verify(token)
 
     def mint(self, subject: str, role: Role, ttl_seconds: int, scope: str = "") -> str:
         """A signed token for ``subject`` with ``role``, valid for ``ttl_seconds``."""
@@ -142,6 +174,16 @@ class TokenAuthority:
             subject=str(claims["sub"]), role=role, scope=str(claims.get("scope", ""))
         )
         return principal, float(claims["exp"])
+
+
+def _unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a token claims, read without checking anything: it only picks the verifier."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        raise Unauthenticated(f"malformed token: {exc}") from None
+    issuer = claims.get("iss")
+    return issuer if isinstance(issuer, str) else None
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,7 @@ class WmsSettings:
             raise ConfigError(
                 f"EWMS_QUEUE_BACKEND must be one of {', '.join(QUEUE_BACKENDS)}, got {backend!r}"
             )
-        return cls(
+        settings = cls(
             queue_backend=backend,
             rabbitmq_url=env.get("EWMS_RABBITMQ_URL", "").strip() or DEFAULT_RABBITMQ_URL,
             rabbitmq_management_url=env.get("EWMS_RABBITMQ_MANAGEMENT_URL", "").strip()
@@ -203,6 +204,52 @@ class WmsSettings:
             auth_jwks_url=env.get("EWMS_AUTH_JWKS_URL", "").strip(),
             auth_role_claim=env.get("EWMS_AUTH_ROLE_CLAIM", "").strip() or DEFAULT_AUTH_ROLE_CLAIM,
         )
+        check_auth_settings(
+            settings.auth_issuer,
+            settings.auth_audience,
+            settings.auth_jwks_url,
+            settings.auth_role_claim,
+        )
+        return settings
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def check_auth_settings(issuer: str, audience: str, jwks_url: str, role_claim: str) -> None:
+    """ConfigError unless the external OIDC settings are usable and safe: https URLs (plain http
+    only on loopback, for tests), an audience (else tokens the issuer mints for any of its other
+    clients would be accepted), and a dotted role-claim path."""
+    if not issuer:
+        for name, value in (("EWMS_AUTH_AUDIENCE", audience), ("EWMS_AUTH_JWKS_URL", jwks_url)):
+            if value:
+                raise ConfigError(f"{name} is set but EWMS_AUTH_ISSUER is empty; set both")
+        return
+    check_auth_url("EWMS_AUTH_ISSUER", issuer)
+    if jwks_url:
+        check_auth_url("EWMS_AUTH_JWKS_URL", jwks_url)
+    if not audience:
+        raise ConfigError(
+            "EWMS_AUTH_AUDIENCE is required when EWMS_AUTH_ISSUER is set: the audience (client id) "
+            "the issuer puts in the 'aud' claim of tokens meant for this WMS"
+        )
+    if not role_claim or not all(part.strip() for part in role_claim.split(".")):
+        raise ConfigError(
+            "EWMS_AUTH_ROLE_CLAIM must be a dotted claim path such as realm_access.roles, "
+            f"got {role_claim!r}"
+        )
+
+
+def check_auth_url(name: str, url: str) -> None:
+    """ConfigError unless ``url`` is https (or http on loopback) with a host."""
+    parts = urllib.parse.urlsplit(url)
+    loopback = parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS
+    if parts.scheme != "https" and not loopback:
+        raise ConfigError(
+            f"{name} must be an https:// URL (http:// only on 127.0.0.1 or localhost), got {url!r}"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{name} must be a URL with a host, got {url!r}")
 
 
 def parse_location_max_workers(text: str) -> dict[str, int]:

@@ -83,7 +83,7 @@ async def authorize_call(
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("authorization must be 'Bearer <token>'")
-    principal = authority.verify(token.strip())
+    principal = await authority.verify_any(token.strip())
     roles = SERVICE_ROLES.get(service, frozenset())
     if principal.role not in roles and not principal.is_admin:
         allowed = ", ".join(sorted(r.value for r in roles)) or "admin"

@@ -12,8 +12,9 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from ewms.v1 import (
     event_service_pb2,
@@ -28,11 +29,13 @@ from ewms.v1 import (
 )
 from services.auth import TokenAuthority, ensure_admin_token, load_or_create_secret
 from services.config import WmsSettings
+from services.oidc import OidcVerifier
 from services.wms.auth_interceptor import AuthInterceptor
 from services.wms.control.pilots import PilotRegistry, PilotService
 from services.wms.control.tms import Dispatcher, DispatchSettings, TaskManagerService
 from services.wms.control.watch import WatchHub
 from services.wms.http.server import HttpDeps, HttpServer, start_http
+from services.wms.metrics import RequestMetricsInterceptor, WmsMetrics
 from services.wms.queues.broker import Broker
 from services.wms.queues.embedded import EmbeddedBroker
 from services.wms.queues.event_service import EventService
@@ -100,9 +103,10 @@ class RunningWms:
 async def start_wms(settings: WmsSettings) -> RunningWms:
     """Open the store, create the auth secret and admin token if needed, and start serving."""
     secret = load_or_create_secret(settings.data_dir)
-    authority = TokenAuthority(secret)
+    authority = TokenAuthority(secret, OidcVerifier.from_settings(settings))
     admin_token_path = ensure_admin_token(settings.data_dir, authority)
-    store = await Store.open(settings.data_dir)
+    metrics = WmsMetrics()
+    store = await Store.open(settings.data_dir, metrics)
     queues: QueueManager | None = None
     pilots: PilotRegistry | None = None
     dispatcher: Dispatcher | None = None
@@ -111,12 +115,16 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     try:
         pilots = await PilotRegistry.open(store)
         brokers: dict[queue_pb2.QueueBackend.ValueType, Broker] = {
-            queue_pb2.QUEUE_BACKEND_EMBEDDED: await EmbeddedBroker.open(store)
+            queue_pb2.QUEUE_BACKEND_EMBEDDED: await EmbeddedBroker.open(
+                store, metrics.events("embedded")
+            )
         }
         if settings.queue_backend == "rabbitmq":
             from services.wms.queues.rabbitmq import RabbitBroker
 
-            brokers[queue_pb2.QUEUE_BACKEND_RABBITMQ] = await RabbitBroker.open(settings)
+            brokers[queue_pb2.QUEUE_BACKEND_RABBITMQ] = await RabbitBroker.open(
+                settings, metrics.events("rabbitmq")
+            )
         queues = QueueManager(
             store, brokers, BACKENDS[settings.queue_backend], settings.queue_retention_seconds
         )
@@ -126,7 +134,9 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ]
-        server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=options)
+        # Metrics outermost: calls refused by authentication are counted too.
+        interceptors = [RequestMetricsInterceptor(metrics), AuthInterceptor(authority)]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         dispatcher = Dispatcher(
             store,
             authority,
@@ -152,13 +162,8 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [
-                *SERVING_SERVICES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        enable_reflection(
+            [*SERVING_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server
         )
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         if port == 0:
@@ -185,6 +190,7 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
                 pilots=pilots,
                 dispatcher=dispatcher,
                 hub=hub,
+                metrics=metrics,
             )
         )
     except BaseException:
@@ -242,3 +248,50 @@ async def serve(settings: WmsSettings) -> None:
     log.info("wms stopping")
     await wms.stop()
     log.info("wms stopped")
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(services: list[str], server: grpc.aio.Server) -> None:
+    """Serve server reflection as ``grpc.reflection.v1`` (what buf curl and grpcurl ask for first)
+    and ``grpc.reflection.v1alpha``. grpcio-reflection ships only v1alpha, but v1 is the same
+    protocol renamed (identical messages and field numbers), so one v1alpha servicer answers both,
+    and a renamed copy of its proto file lets clients describe the v1 service too."""
+    add_reflection_v1_descriptor()
+    servicer = reflection.aio.ReflectionServicer(
+        [*services, reflection.SERVICE_NAME, REFLECTION_V1]
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
+def add_reflection_v1_descriptor() -> None:
+    """Put ``grpc/reflection/v1/reflection.proto`` in the default pool (once): v1alpha's file
+    under v1's name and package."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    old, new = f".{proto.package}.", ".grpc.reflection.v1."
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.ClearField("options")  # v1alpha's java/go packages and its deprecation
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
+    pool.Add(proto)

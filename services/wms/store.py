@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from google.protobuf.message import Message
 
 from ewms.v1 import queue_pb2, taskforce_pb2, workflow_pb2
 from services.private_files import PRIVATE_FILE, private_dir, private_file, tighten
+from services.wms.metrics import WmsMetrics
 from services.wms.migrations import MIGRATIONS
 
 DB_FILE = "wms.sqlite3"
@@ -170,15 +172,23 @@ def _parse(table: Table[M], body: bytes) -> M:
 class Store:
     """The WMS database. Open with ``await Store.open(data_dir)``; close with ``await close()``."""
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        metrics: WmsMetrics | None = None,
+    ) -> None:
         self._conn = conn
         self._executor = executor
         self._tx = Tx(conn)
         self._closed = False
+        seconds = (metrics or WmsMetrics()).store_transaction_seconds
+        self._seconds = {False: seconds.labels("read"), True: seconds.labels("write")}
 
     @classmethod
-    async def open(cls, data_dir: Path) -> Store:
-        """Open (creating and migrating as needed) the database in ``data_dir``."""
+    async def open(cls, data_dir: Path, metrics: WmsMetrics | None = None) -> Store:
+        """Open (creating and migrating as needed) the database in ``data_dir``; its transactions
+        are timed into ``metrics``."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wms-store")
         loop = asyncio.get_running_loop()
         try:
@@ -186,13 +196,20 @@ class Store:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(conn, executor)
+        return cls(conn, executor, metrics)
 
     async def run(self, fn: Callable[[Tx], T], *, write: bool = True) -> T:
         """Run ``fn`` in the store's thread: in one IMMEDIATE transaction when ``write``, else as a
         plain read."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, write)
+        return await loop.run_in_executor(self._executor, self._timed, fn, write)
+
+    def _timed(self, fn: Callable[[Tx], T], write: bool) -> T:
+        started = time.perf_counter()
+        try:
+            return self._call(fn, write)
+        finally:
+            self._seconds[write].observe(time.perf_counter() - started)
 
     def _call(self, fn: Callable[[Tx], T], write: bool) -> T:
         if not write:

@@ -44,7 +44,17 @@ def served(tmp_path: Path) -> Iterator[dict[str, str]]:
     log_path = tmp_path / "wms.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "wms", "serve", "--port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "wms",
+                "serve",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+            ],
             env=env,
             stderr=log,
             cwd=ROOT,

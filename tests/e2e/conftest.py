@@ -95,7 +95,11 @@ class Cluster:
         )
         log = self.root / "wms.log"
         self.wms = Proc(
-            ewms_cmd("wms", "serve", "--port", "0", "--data-dir", str(self.data_dir)), log, env
+            ewms_cmd(
+                "wms", "serve", "--port", "0", "--http-port", "0", "--data-dir", str(self.data_dir)
+            ),
+            log,
+            env,
         )
 
         def port() -> int | None:

@@ -21,6 +21,7 @@ from tests.e2e.conftest import cli_env
 
 EXAMPLES = ROOT / "examples"
 GUIDE_ADDRESS = "127.0.0.1:50051"
+GUIDE_HTTP = "http://127.0.0.1:8080"
 
 
 def readme_block(heading: str) -> str:
@@ -100,3 +101,16 @@ async def test_buf_curl_block_lists_services_and_creates_the_workflow(stack: Loc
     created = json.loads("{" + created_json)
     assert created["workflow"]["workflowId"].startswith("WF-")
     assert sorted(q["alias"] for q in created["queues"]) == ["lines", "shouted"]
+
+
+async def test_curl_block_runs_the_workflow_over_rest(stack: LocalStack) -> None:
+    need("curl")
+    need("jq")
+    script = readme_block("**2. `curl` + `jq` on the REST gateway**").replace(
+        GUIDE_HTTP, stack.wms.http_url
+    )
+    env = cli_env(EWMS_TOKEN=stack.token)
+    code, out, err = await run("bash", "-euo", "pipefail", "-c", script, env=env)
+    assert code == 0, out + err
+    assert "event: message" in out  # the watch stream
+    assert '"workflow_id"' in out  # the finish response

@@ -410,7 +410,7 @@ def test_ewms_up_serves_until_interrupted(tmp_path: Path, command: list[str]) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_env(),
+        env=cli_env(EWMS_HTTP_PORT="0"),
     )
     try:
         line = proc.stderr.readline() if proc.stderr else ""

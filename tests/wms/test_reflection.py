@@ -62,3 +62,47 @@ async def test_buf_curl_lists_the_workflow_service_methods(wms: RunningWms) -> N
         "ewms.v1.WorkflowService/ListWorkflows",
         "ewms.v1.WorkflowService/AddWorkers",
     } <= methods
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+async def test_services_are_listed_over_reflection_v1_and_v1alpha(
+    wms: RunningWms, protocol: str
+) -> None:
+    code, out, err = await buf_curl(
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "--reflect-protocol",
+        protocol,
+        "--list-services",
+        f"http://{wms.address}",
+    )
+
+    assert code == 0, err
+    assert {
+        "ewms.v1.WorkflowService",
+        "ewms.v1.EventService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= set(out.split())
+
+
+async def test_every_listed_service_is_described_over_reflection_v1(wms: RunningWms) -> None:
+    # --list-methods fetches each listed service's file, the v1 reflection service's own included.
+    code, out, err = await buf_curl(
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "--reflect-protocol",
+        "grpc-v1",
+        "--list-methods",
+        f"http://{wms.address}",
+    )
+
+    assert code == 0, err
+    assert {
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "ewms.v1.EventService/Publish",
+        "ewms.v1.WorkflowService/GetWorkflow",
+    } <= set(out.split())

@@ -3,7 +3,7 @@ served on ``EWMS_HTTP_HOST:EWMS_HTTP_PORT`` by the WMS's own event loop."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -14,6 +14,7 @@ from services.config import WmsSettings
 from services.wms.control.pilots import PilotRegistry
 from services.wms.control.tms import Dispatcher
 from services.wms.control.watch import WatchHub
+from services.wms.metrics import WmsMetrics
 from services.wms.queues.manager import QueueManager
 from services.wms.store import Store
 
@@ -37,6 +38,8 @@ class HttpDeps:
     pilots: PilotRegistry
     dispatcher: Dispatcher
     hub: WatchHub
+    # This WMS's metrics (served at /metrics); a fresh set when none is given.
+    metrics: WmsMetrics = field(default_factory=WmsMetrics)
 
 
 DEPS = web.AppKey("deps", HttpDeps)
@@ -49,11 +52,13 @@ def max_body_bytes(settings: WmsSettings) -> int:
 
 def build_app(deps: HttpDeps) -> web.Application:
     """The whole HTTP face, every part registered on one application."""
-    from services.wms.http import gateway, health, metrics, openapi, original
+    from services.wms.http import gateway, health, metrics, openapi, original, status
 
     app = web.Application(client_max_size=max_body_bytes(deps.settings))
     app[DEPS] = deps
     metrics.install(app)
+    # Inside the metrics middleware, so that metrics see the Status responses it makes of errors.
+    status.install(app)
     health.add_routes(app)
     openapi.add_routes(app)
     original.add_routes(app, deps.settings.original_base_path)

@@ -39,6 +39,7 @@ from google.protobuf import timestamp_pb2
 
 from ewms.v1 import queue_pb2
 from services.events.client import DEFAULT_MAX_ATTEMPTS, Subscription
+from services.wms.metrics import EventCounters
 from services.wms.queues.broker import UnknownAckId
 from services.wms.store import Store, Tx
 
@@ -265,8 +266,9 @@ class _Queue:
 class EmbeddedBroker:
     """Queues in the WMS's SQLite store (implements ``services.wms.queues.broker.Broker``)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, events: EventCounters | None = None) -> None:
         self._store = store
+        self._events = events or EventCounters.unregistered("embedded")
         self._writer = _Writer(store)
         self._queues: dict[str, _Queue] = {}
         self._opening: dict[str, asyncio.Future[_Queue]] = {}
@@ -279,9 +281,10 @@ class EmbeddedBroker:
         self._closed = False
 
     @classmethod
-    async def open(cls, store: Store) -> EmbeddedBroker:
-        """Open over ``store``; every event not acked or dead-lettered before is ready again."""
-        broker = cls(store)
+    async def open(cls, store: Store, events: EventCounters | None = None) -> EmbeddedBroker:
+        """Open over ``store``; every event not acked or dead-lettered before is ready again.
+        ``events`` counts what happens to events from now on."""
+        broker = cls(store, events)
 
         def max_seq(tx: Tx) -> int:
             row = tx.sql.execute("SELECT max(seq) FROM events").fetchone()
@@ -349,6 +352,7 @@ class EmbeddedBroker:
 
         def apply(_: Any) -> None:
             q.published += n
+            self._events.published.inc(n)
             for ev in evs:
                 if q.n_spilled == 0 and len(q.ready) < MEMORY_READY:
                     q.ready.append(ev)
@@ -518,6 +522,7 @@ class EmbeddedBroker:
         if not seqs:
             return expired, None
         q.acked += len(seqs)
+        self._events.acked.inc(len(seqs))
         queue_id = q.queue_id
         n = len(seqs)
 
@@ -647,6 +652,7 @@ class EmbeddedBroker:
         """Lease the next ready event."""
         ev = q.ready.popleft()
         ev.attempts += 1
+        self._events.delivered.inc()
         ack_id = f"{self._ack_prefix}{next(self._ack_counter):x}"
         expires = time.monotonic() + lease_seconds if lease_seconds > 0 else None
         q.out[ack_id] = _Lease(ack_id, ev, sub, expires)
@@ -695,6 +701,7 @@ class EmbeddedBroker:
         seq, attempts = ev.seq, ev.attempts
         if force_dead or ev.attempts >= q.max_attempts:
             q.dead += 1
+            self._events.dead_lettered.inc()
             now = time.time()
 
             def dead(conn: sqlite3.Connection) -> None:

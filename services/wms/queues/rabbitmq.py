@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -43,6 +45,7 @@ from services.events.amqp import (
     timestamp_ns,
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_EVENT_BYTES, QueueError
+from services.wms.metrics import EventCounters
 from services.wms.queues.broker import UnknownAckId
 from services.wms.queues.rabbitmq_admin import RabbitAdmin
 
@@ -114,6 +117,81 @@ def dead_letter_of(raw: RawMessage, queue: queue_pb2.Queue) -> queue_pb2.DeadLet
     return letter
 
 
+class CountedSubscription:
+    """An ``AmqpSubscription`` of the WMS whose deliveries, acks and dead-letters are counted
+    (implements ``Subscription``)."""
+
+    def __init__(self, sub: AmqpSubscription, events: EventCounters, max_attempts: int) -> None:
+        self._sub = sub
+        self._events = events
+        self._max_attempts = max_attempts
+        # Attempt of each delivery handed out and not yet settled, oldest first: a nack at the
+        # last attempt dead-letters. Held deliveries never exceed prefetch and leases all have
+        # one length, so entries past that many are the oldest, expired ones. (A nack racing its
+        # lease's expiry may still be counted.)
+        self._attempts: OrderedDict[str, int] = OrderedDict()
+
+    @property
+    def prefetch(self) -> int:
+        """Maximum unacked deliveries held at once."""
+        return self._sub.prefetch
+
+    async def __aiter__(self) -> AsyncIterator[queue_pb2.Delivery]:
+        async for delivery in self._sub:
+            self._handed_out(delivery)
+            yield delivery
+
+    def take_ready(self) -> list[queue_pb2.Delivery]:
+        """Deliveries already arrived and not yet iterated (for senders that batch)."""
+        ready = self._sub.take_ready()
+        for delivery in ready:
+            self._handed_out(delivery)
+        return ready
+
+    async def ack(self, *deliveries: queue_pb2.Delivery) -> None:
+        """Ack; deliveries no longer out are ignored (and not counted)."""
+        held = self._sub.held
+        await self._sub.ack(*deliveries)
+        self._events.acked.inc(max(held - self._sub.held, 0))
+        for delivery in deliveries:
+            self._attempts.pop(delivery.ack_id, None)
+
+    async def nack(
+        self, delivery: queue_pb2.Delivery, error: str, *, dead_letter: bool = False
+    ) -> None:
+        """Nack: requeue, or dead-letter when asked or at the last attempt."""
+        attempt = self._attempts.pop(delivery.ack_id, None)
+        await self._sub.nack(delivery, error, dead_letter=dead_letter)
+        if attempt is not None and (dead_letter or attempt >= self._max_attempts):
+            self._events.dead_lettered.inc()
+
+    async def pause(self) -> None:
+        """Take no new deliveries; held ones can still be acked or nacked."""
+        await self._sub.pause()
+
+    async def close(self) -> None:
+        """Stop consuming; unacked deliveries go back to the queue. Idempotent."""
+        self._attempts.clear()
+        await self._sub.close()
+
+    async def __aenter__(self) -> CountedSubscription:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _handed_out(self, delivery: queue_pb2.Delivery) -> None:
+        self._events.delivered.inc()
+        self._attempts[delivery.ack_id] = delivery.event.attempt
+        while len(self._attempts) > self._sub.prefetch:
+            self._attempts.popitem(last=False)
+
+
 @dataclass
 class _Lease:
     """A delivery handed out by ``receive``, held unacked on a WMS channel."""
@@ -149,8 +227,13 @@ class RabbitBroker:
         amqp_url: str,
         max_event_bytes: int,
         heartbeat: int,
+        events: EventCounters | None = None,
     ) -> None:
         self.admin = admin
+        self._events = events or EventCounters.unregistered("rabbitmq")
+        # Subscriptions are wrapped for counting only when someone reads the counts (a WMS); a
+        # bare broker hands out the AMQP client's own.
+        self._count_subscriptions = events is not None
         self._client = client
         self._url = amqp_url
         self._max_event_bytes = max_event_bytes
@@ -162,12 +245,14 @@ class RabbitBroker:
         self._closed = False
 
     @classmethod
-    async def open(cls, settings: WmsSettings) -> RabbitBroker:
-        """Connect with the WMS's settings (admin AMQP URL, management URL, event size limit)."""
+    async def open(cls, settings: WmsSettings, events: EventCounters | None = None) -> RabbitBroker:
+        """Connect with the WMS's settings (admin AMQP URL, management URL, event size limit);
+        ``events`` counts the events passing through this WMS."""
         return await cls.connect(
             settings.rabbitmq_url,
             settings.rabbitmq_management_url,
             max_event_bytes=settings.max_event_bytes,
+            events=events,
         )
 
     @classmethod
@@ -178,6 +263,7 @@ class RabbitBroker:
         *,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         heartbeat: int = DEFAULT_HEARTBEAT,
+        events: EventCounters | None = None,
     ) -> RabbitBroker:
         """Connect to RabbitMQ with admin credentials: AMQP (``amqp://user:pass@host:5672/%2F``)
         and the management API (``http://user:pass@host:15672``); both must answer."""
@@ -195,6 +281,7 @@ class RabbitBroker:
             amqp_url=amqp_url,
             max_event_bytes=max_event_bytes,
             heartbeat=heartbeat,
+            events=events,
         )
 
     @property
@@ -257,20 +344,24 @@ class RabbitBroker:
         """Publish with publisher confirms (same wire format as every client)."""
         client = await self._live()
         event_ids = await client.publish(queue.queue_id, events)
+        self._events.published.inc(len(event_ids))
         self._wake(queue.queue_id)
         return event_ids
 
     async def subscribe(
         self, queue: queue_pb2.Queue, prefetch: int, lease_seconds: int
-    ) -> AmqpSubscription:
+    ) -> AmqpSubscription | CountedSubscription:
         """A consumer on its own channel of the WMS's connection."""
         client = await self._live()
-        return await client.subscribe(
+        sub = await client.subscribe(
             queue.queue_id,
             prefetch,
             max_attempts=max_attempts_of(queue),
             lease_seconds=lease_seconds,
         )
+        if not self._count_subscriptions:
+            return sub
+        return CountedSubscription(sub, self._events, max_attempts_of(queue))
 
     async def receive(
         self, queue: queue_pb2.Queue, max_events: int, lease_seconds: int, wait_seconds: float
@@ -294,6 +385,7 @@ class RabbitBroker:
             # The caller went away: hand back whatever the fetch still gets.
             fetch.add_done_callback(lambda done: self._requeue_fetched(channel, done))
             raise
+        self._events.delivered.inc(len(raws))
         return [self._lease(queue.queue_id, channel, raw, lease) for raw in raws]
 
     async def ack(self, queue: queue_pb2.Queue, ack_ids: Sequence[str]) -> list[str]:
@@ -312,6 +404,8 @@ class RabbitBroker:
                 await channel.ack(tag for _, tag in entries)
             except QueueError:
                 gone.extend(ack_id for ack_id, _ in entries)
+            else:
+                self._events.acked.inc(len(entries))
         return gone
 
     async def nack(
@@ -345,6 +439,7 @@ class RabbitBroker:
                 event_id=lease.raw.message_id,
                 error=str(exc),
             )
+        self._events.dead_lettered.inc()
         return True
 
     # --- inspection ---
