@@ -679,7 +679,7 @@ async def run_dispatch(tmp: Path) -> DispatchRun:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=REPO_ROOT,
-        env=subprocess_env(EWMS_QUEUE_BACKEND="embedded"),
+        env=subprocess_env(EWMS_QUEUE_BACKEND="embedded", EWMS_HTTP_PORT="0"),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -257,7 +257,7 @@ async def start_echo_server() -> tuple[ServerProcess, int]:
 
 async def start_wms(data_dir: Path) -> tuple[ServerProcess, int, str]:
     """Start the WMS; return it, its gRPC port and the admin token."""
-    argv = [sys.executable, "-m", "services.cli", "wms", "serve", "--port", "0"]
+    argv = [sys.executable, "-m", "services.cli", "wms", "serve", "--port", "0", "--http-port", "0"]
     argv += ["--data-dir", str(data_dir)]
     env = _child_env({"EWMS_CLUSTER_LOCATIONS": "local"})
     deadline = time.monotonic() + SERVER_START_DEADLINE_S

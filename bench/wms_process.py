@@ -58,6 +58,8 @@ class Wms:
             "serve",
             "--port",
             "0",
+            "--http-port",
+            "0",
             "--data-dir",
             str(self.data_dir),
             cwd=REPO_ROOT,
