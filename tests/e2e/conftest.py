@@ -89,21 +89,31 @@ class Cluster:
         self.tms: Proc | None = None
         self.address = ""
 
-    def start_wms(self) -> None:
+    def start_wms(self, port: int = 0) -> None:
+        """Start the WMS (again, after a stop: on the same data directory; pass ``port`` to come
+        back on the address the TMS and pilots know)."""
         env = cli_env(
             EWMS_QUEUE_BACKEND=self.backend, EWMS_CLUSTER_LOCATIONS="local", **self.wms_env
         )
         log = self.root / "wms.log"
+        start = log.stat().st_size if log.exists() else 0
         self.wms = Proc(
             ewms_cmd(
-                "wms", "serve", "--port", "0", "--http-port", "0", "--data-dir", str(self.data_dir)
+                "wms",
+                "serve",
+                "--port",
+                str(port),
+                "--http-port",
+                "0",
+                "--data-dir",
+                str(self.data_dir),
             ),
             log,
             env,
         )
 
         def port() -> int | None:
-            for line in log.read_text(errors="replace").splitlines():
+            for line in log.read_bytes()[start:].decode(errors="replace").splitlines():
                 if '"wms listening"' in line:
                     return int(json.loads(line)["grpc_port"])
             if self.wms is not None and self.wms.popen.poll() is not None:
@@ -112,7 +122,12 @@ class Cluster:
 
         self.address = f"127.0.0.1:{wait_for(port, 30, 'the WMS to listen')}"
 
-    def start_tms(self, slots: int = 2) -> Proc:
+    @property
+    def wms_port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def start_tms(self, slots: int = 2, **env: str) -> Proc:
+        """Start a local TMS; ``env`` adds to its environment (e.g. ``EWMS_TMS_PILOT_ENV``)."""
         self.tms = Proc(
             ewms_cmd(
                 "tms",
@@ -131,7 +146,7 @@ class Cluster:
                 str(self.data_dir),
             ),
             self.root / "tms.log",
-            cli_env(),
+            cli_env(**env),
         )
         wait_for(lambda: '"tms connected"' in self.tms_text(), 30, "the TMS to connect")
         return self.tms
