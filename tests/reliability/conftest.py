@@ -60,7 +60,7 @@ def outcome() -> Callable[..., Outcome]:
     """Record a scenario's outcome: ``outcome("WMS kill -9, 2 s down", backend, events_in=...)``.
     Record only after the assertions passed, so the table lists what held."""
 
-    def record(scenario: str, backend: str = "-", **values: Any) -> Outcome:
+    def record(scenario: str, backend: str = "-", **values: Any) -> Outcome:  # noqa: F811
         row = Outcome(scenario, backend, **values)
         _OUTCOMES.append(row)
         return row
