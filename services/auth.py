@@ -1,9 +1,11 @@
 """Bearer tokens: HS256 JWTs signed with the WMS's secret, carrying a subject and one role.
 
 Roles: ``user`` (owns workflows), ``tms`` (a task management service, scoped to a cluster location),
-``pilot`` (scoped to one taskforce), ``admin`` (everything). The WMS creates its signing secret and
-an admin token in its data directory on first start (mode 0600); ``ewms token create`` mints more.
-With ``EWMS_AUTH_ISSUER`` set, the tokens of that OIDC issuer are accepted too (``services.oidc``).
+``pilot`` (scoped to one taskforce), ``admin`` (everything). A tms or pilot token without its scope
+is refused: it would otherwise act for every location (``ANY_LOCATION`` says that explicitly, for
+the OIDC issuer's ``system-tms``). The WMS creates its signing secret and an admin token in its
+data directory on first start (mode 0600); ``ewms token create`` mints more. With
+``EWMS_AUTH_ISSUER`` set, the tokens of that OIDC issuer are accepted too (``services.oidc``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ ADMIN_TOKEN_TTL = 365 * 24 * 3600
 # Verified tokens kept so a client's repeated calls skip the HMAC and JSON work (~75 µs a call);
 # expiry is still checked on every call.
 VERIFIED_CACHE_SIZE = 4096
+# The scope of a tms principal that may serve every cluster location (the original's system-tms).
+ANY_LOCATION = "*"
 
 
 class Role(enum.StrEnum):
@@ -37,6 +41,11 @@ class Role(enum.StrEnum):
     TMS = "tms"
     PILOT = "pilot"
     ADMIN = "admin"
+
+
+# What the scope of each scoped role names; a principal of one of these roles without a scope is
+# refused (``require_scope``).
+SCOPES = {Role.TMS: "cluster location", Role.PILOT: "taskforce"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,17 @@ def current_principal() -> Principal:
 def set_current_principal(principal: Principal) -> None:
     """Bind the caller to the running RPC's context."""
     _current.set(principal)
+
+
+def require_scope(principal: Principal) -> None:
+    """PERMISSION_DENIED if a tms or pilot principal names no scope: it must say which location
+    or taskforce it acts for."""
+    what = SCOPES.get(principal.role)
+    if what is not None and not principal.scope:
+        raise PermissionDenied(
+            f"this {principal.role.value!r} token names no {what} (its scope), so it may act for "
+            f"none; mint one with: ewms token create --role {principal.role.value} --scope <{what}>"
+        )
 
 
 def require_role(principal: Principal, *roles: Role) -> None:

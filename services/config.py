@@ -20,6 +20,7 @@ DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
 DEFAULT_QUEUE_RETENTION = 7 * 24 * 3600
+DEFAULT_CREDENTIAL_GRACE = 5 * 60
 QUEUE_BACKENDS = ("embedded", "rabbitmq")
 DEFAULT_WMS_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
 _LOCATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -143,6 +144,9 @@ class WmsSettings:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     # Seconds after a workflow ends before its queues, events and credentials are deleted.
     queue_retention_seconds: int = DEFAULT_QUEUE_RETENTION
+    # Seconds after a workflow ends before its broker user, whose write permission went at once,
+    # is deleted (reading its last outputs straight from the broker needs a little while).
+    queue_credential_grace_seconds: int = DEFAULT_CREDENTIAL_GRACE
     # Workers a location may run at once (launched, not complete); absent: unlimited.
     location_max_workers: Mapping[str, int] = field(default_factory=dict)
     # Failed submits (or removes) tolerated per taskforce before the WMS gives up (the original's).
@@ -182,6 +186,9 @@ class WmsSettings:
             max_event_bytes=max_event_bytes_from_env(env),
             queue_retention_seconds=_int(
                 env, "EWMS_QUEUE_RETENTION", DEFAULT_QUEUE_RETENTION, 0, 10 * 365 * 24 * 3600
+            ),
+            queue_credential_grace_seconds=_int(
+                env, "EWMS_QUEUE_CREDENTIAL_GRACE", DEFAULT_CREDENTIAL_GRACE, 0, 7 * 24 * 3600
             ),
             data_dir=default_data_dir(env),
             grpc_host=env.get("EWMS_GRPC_HOST", "").strip() or "127.0.0.1",

@@ -12,9 +12,10 @@ from pathlib import Path
 import structlog
 
 from services.auth import Role
-from services.config import ClusterLocations, WmsSettings
+from services.config import ClusterLocations, ConfigError, WmsSettings
 from services.tms.client import TmsClient
 from services.tms.local import LocalScheduler
+from services.tms.pilot_env import PilotEnvError, SiteEnv
 from services.wms.server import RunningWms, start_wms
 
 log = structlog.get_logger(__name__)
@@ -62,6 +63,11 @@ async def start_local_stack(
     local TMS with ``slots`` concurrent workers (default: the CPUs). Its HTTP face listens on
     ``http_port`` (default: the settings')."""
     base = settings or WmsSettings.from_env()
+    try:
+        # bwrap tasks must not read the WMS's secret and database beside them.
+        site_env = SiteEnv.from_env().hiding(data_dir)
+    except PilotEnvError as exc:
+        raise ConfigError(str(exc)) from None
     if http_port is not None:
         base = replace(base, http_port=http_port)
     # Only the local TMS runs here, so "local" is the one location.
@@ -78,7 +84,7 @@ async def start_local_stack(
     try:
         scheduler = LocalScheduler(data_dir / "tms-local", slots=slots or os.cpu_count() or 1)
         tms_token = wms.authority.mint("tms-local", Role.TMS, TMS_TOKEN_TTL, scope=LOCAL_LOCATION)
-        tms = TmsClient(wms.address, tms_token, LOCAL_LOCATION, scheduler)
+        tms = TmsClient(wms.address, tms_token, LOCAL_LOCATION, scheduler, site_env=site_env)
         task = asyncio.create_task(tms.run(), name="local-tms")
         token = wms.authority.mint("admin", Role.ADMIN, CLIENT_TOKEN_TTL)
         await asyncio.wait_for(_first_welcome(tms, task), 30)

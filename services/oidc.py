@@ -23,7 +23,7 @@ from typing import Any
 import jwt
 import structlog
 
-from services.auth import VERIFIED_CACHE_SIZE, Principal, Role
+from services.auth import ANY_LOCATION, VERIFIED_CACHE_SIZE, Principal, Role
 from services.config import (
     DEFAULT_AUTH_ROLE_CLAIM,
     ConfigError,
@@ -65,8 +65,8 @@ class JwksUnavailable(Exception):
 class OidcVerifier:
     """Verifies the tokens of one OIDC issuer into principals.
 
-    Subjects are the ``sub`` claim. TMS principals get no scope, which the TaskManagerService reads
-    as "any cluster location", the power of the original's ``system-tms``."""
+    Subjects are the ``sub`` claim. TMS principals get the scope ``ANY_LOCATION``, the power of the
+    original's ``system-tms``."""
 
     def __init__(
         self,
@@ -152,7 +152,10 @@ class OidcVerifier:
                 f"token algorithm {alg} does not match its key {kid!r} ({key.algorithm_name})"
             )
         claims = self._decode(token, key)
-        principal = Principal(subject=str(claims["sub"]), role=self._role(claims))
+        role = self._role(claims)
+        # The original's system-tms serves every location: say so, as an unscoped one is refused.
+        scope = ANY_LOCATION if role is Role.TMS else ""
+        principal = Principal(subject=str(claims["sub"]), role=role, scope=scope)
         if len(self._verified) >= VERIFIED_CACHE_SIZE:
             del self._verified[next(iter(self._verified))]
         self._verified[token] = (principal, float(claims["exp"]))

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from services.auth import Role
 from services.config import ClusterLocations, WmsSettings
 from services.wms import RunningWms, start_wms
 
+_OWN_REPORT = pytest.StashKey[str]()
 ROOT = Path(__file__).resolve().parent.parent
 # The seed's location "sub-2" is configured as an alias of "osg", as the original did.
 LOCATIONS = "local,osg,sub-2=osg"
@@ -149,3 +151,48 @@ def require_rabbitmq() -> None:
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         pytest.fail(f"RabbitMQ required (CI is set) but unusable: {problem}")
     pytest.skip(f"needs RabbitMQ: {problem}")
+
+
+RELIABILITY_HEADER = ["scenario", "backend", "in", "out", "dup", "lost", "recovery s", "detail"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the run a file for the reliability suite's outcomes (see tests/reliability), set before
+    pytest-xdist starts its workers so they inherit it."""
+    if hasattr(config, "workerinput") or os.environ.get("EWMS_RELIABILITY_REPORT"):
+        return
+    fd, path = tempfile.mkstemp(prefix="ewms-reliability-", suffix=".jsonl")
+    os.close(fd)
+    os.environ["EWMS_RELIABILITY_REPORT"] = path
+    config.stash[_OWN_REPORT] = path
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Print the reliability outcomes recorded in this run as a markdown table."""
+    if hasattr(config, "workerinput"):
+        return
+    path = os.environ.get("EWMS_RELIABILITY_REPORT", "")
+    rows = []
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    own = config.stash.get(_OWN_REPORT, None)
+    if own:
+        os.unlink(own)
+    if not rows:
+        return
+
+    def show(v: object) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    terminalreporter.section("reliability outcomes")
+    terminalreporter.write_line("| " + " | ".join(RELIABILITY_HEADER) + " |")
+    for r in sorted(rows, key=lambda r: (r["scenario"], r["backend"])):
+        cells = [r["scenario"], r["backend"]]
+        cells += [
+            show(r[k]) for k in ("events_in", "events_out", "duplicates", "lost", "recovery_s")
+        ]
+        cells.append(r.get("detail", ""))
+        terminalreporter.write_line("| " + " | ".join(cells) + " |")

@@ -17,6 +17,7 @@ from services.cli.workflows import UsageError
 from services.config import ClientSettings, WmsSettings
 from services.logs import configure_logging
 from services.wms import serve
+from services.wms.server import PortInUse
 
 
 def add_commands(sub: Any, parents: Parents) -> None:
@@ -69,8 +70,9 @@ def add_commands(sub: Any, parents: Parents) -> None:
     p.set_defaults(run=up_command, needs_wms=False)
 
 
-def run_wms(args: Any) -> None:
-    """Serve with settings from the environment, overridden by flags."""
+def run_wms(args: Any) -> int:
+    """Serve with settings from the environment, overridden by flags; exit code 1 if the port
+    cannot be bound (never a second WMS sharing it)."""
     settings = WmsSettings.from_env()
     if args.port is not None:
         settings = replace(settings, grpc_port=args.port)
@@ -81,12 +83,17 @@ def run_wms(args: Any) -> None:
     if args.data_dir:
         settings = replace(settings, data_dir=args.data_dir)
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def tms_command(args: Any) -> int:
     from services.tms.client import TmsClient, TmsError
-    from services.tms.pilot_env import PilotEnvError, parse_defaults
+    from services.tms.pilot_env import PilotEnvError, SiteEnv
     from services.tms.scheduler import Scheduler
 
     settings = ClientSettings.from_env()
@@ -95,7 +102,7 @@ def tms_command(args: Any) -> int:
     token = resolve_token(args.token, settings, address, data_dir)
     configure_logging(os.environ.get("EWMS_LOG_LEVEL", "INFO"))
     try:
-        defaults = parse_defaults(os.environ.get("EWMS_TMS_PILOT_ENV", ""))
+        site_env = SiteEnv.from_env()
     except PilotEnvError as exc:
         raise UsageError(str(exc)) from None
     scheduler: Scheduler
@@ -105,6 +112,8 @@ def tms_command(args: Any) -> int:
 
         state_dir = args.state_dir or data_dir / f"tms-{args.location}"
         scheduler = LocalScheduler(state_dir, slots=args.slots or os.cpu_count() or 1)
+        # A WMS on this machine keeps its secret and database here: bwrap tasks must not read it.
+        site_env = site_env.hiding(data_dir)
     else:
         from services.tms.htcondor import HTCondorScheduler
 
@@ -118,7 +127,7 @@ def tms_command(args: Any) -> int:
         # As the original: old job event logs and taskforce directories are archived, then
         # deleted (a pass once connected, then hourly).
         files = FileManager(jel_dir, condor.job_event_log_in_use)
-    client = TmsClient(address, token, args.location, scheduler, pilot_env_defaults=defaults)
+    client = TmsClient(address, token, args.location, scheduler, site_env=site_env)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -6,8 +6,9 @@ import argparse
 import re
 from typing import Any
 
-from services.auth import Role, TokenAuthority, load_or_create_secret
+from services.auth import SCOPES, Role, TokenAuthority, load_or_create_secret
 from services.cli.options import Parents
+from services.cli.workflows import UsageError
 from services.config import default_data_dir
 
 _DURATION = re.compile(r"^(\d+)([smhdw]?)$")
@@ -36,7 +37,10 @@ def add_commands(sub: Any, parents: Parents) -> None:
     p.add_argument("--subject", required=True, help="who the token is for (e.g. a user name)")
     p.add_argument("--ttl", type=duration, default=duration("30d"), help="lifetime (default 30d)")
     p.add_argument(
-        "--scope", default="", help="cluster location (tms tokens) or taskforce (pilot tokens)"
+        "--scope",
+        default="",
+        help="required for tms tokens (their cluster location, or * for every location) and "
+        "pilot tokens (their taskforce)",
     )
     p.set_defaults(run=create_token, needs_wms=False)
 
@@ -44,5 +48,9 @@ def add_commands(sub: Any, parents: Parents) -> None:
 def create_token(args: Any) -> None:
     """Print a new token."""
     data_dir = args.data_dir or default_data_dir()
+    role = Role(args.role)
+    if role in SCOPES and not args.scope:
+        # The WMS refuses such a token: it would name no location or taskforce to act for.
+        raise UsageError(f"--scope is required for a {role.value} token: its {SCOPES[role]}")
     authority = TokenAuthority(load_or_create_secret(data_dir))
-    print(authority.mint(args.subject, Role(args.role), args.ttl, scope=args.scope))
+    print(authority.mint(args.subject, role, args.ttl, scope=args.scope))

@@ -15,6 +15,7 @@ from ewms.v1 import queue_pb2, taskforce_pb2, workflow_service_pb2_grpc
 from ewms.v1 import workflow_service_pb2 as WS
 from services.cli.connection import resolve_token
 from services.cli.options import Parents
+from services.cli.workflows import job_exit_label
 from services.config import ClientSettings
 
 Phase = taskforce_pb2.TaskforcePhase
@@ -103,6 +104,7 @@ class WorkflowView:
             compound = ", ".join(
                 f"{taskforce_pb2.JobState.Name(c.job_state).removeprefix('JOB_STATE_')}"
                 f"{': ' + c.hold_reason if c.hold_reason else ''}"
+                f"{' (' + job_exit_label(c) + ')' if c.HasField('job_exit') else ''}"
                 f"/{taskforce_pb2.PilotPhase.Name(c.pilot_phase).removeprefix('PILOT_PHASE_')}"
                 f"={c.count}"
                 for c in tf.compound_statuses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,19 @@ PHASES = {
     for name, number in taskforce_pb2.TaskforcePhase.items()
     if number
 }
+
+
+def job_exit_label(status: taskforce_pb2.CompoundStatus) -> str:
+    """How the workers of a compound status ended: ``SIGKILL``, ``exit 0``; ``-`` if unknown."""
+    if not status.HasField("job_exit"):
+        return "-"
+    number = status.job_exit.signal
+    if not number:
+        return f"exit {status.job_exit.exit_code}"
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class UsageError(Exception):
@@ -318,10 +332,11 @@ def get_taskforce(conn: Connection, args: Any) -> None:
     c = tf.counters
     print("\nworkers:")
     print_table(
-        ["JOB_STATE", "HOLD_REASON", "PILOT_PHASE", "COUNT"],
+        ["JOB_STATE", "JOB_EXIT", "HOLD_REASON", "PILOT_PHASE", "COUNT"],
         [
             (
                 enum_label(taskforce_pb2.JobState.Name(s.job_state), "JOB_STATE_"),
+                job_exit_label(s),
                 s.hold_reason or "-",
                 enum_label(taskforce_pb2.PilotPhase.Name(s.pilot_phase), "PILOT_PHASE_"),
                 s.count,

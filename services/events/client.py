@@ -51,6 +51,12 @@ class QueueNotFound(QueueError):
     """No such queue."""
 
 
+class QueueUnavailable(QueueError):
+    """The WMS or broker could not be reached, or the connection broke mid-call (gRPC UNAVAILABLE
+    or DEADLINE_EXCEEDED): an outage, not a fault of the request, so the same call may succeed
+    once it is back."""
+
+
 class QueueClosed(QueueError):
     """The queue's workflow was finished or aborted: it takes no new events (gRPC
     FAILED_PRECONDITION); what it holds can still be consumed."""

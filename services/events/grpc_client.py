@@ -22,6 +22,7 @@ from services.events.client import (
     QueueClosed,
     QueueError,
     QueueNotFound,
+    QueueUnavailable,
 )
 
 # A publish call carries at most this many payload bytes or events (beyond one large event).
@@ -29,12 +30,18 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_EVENTS = 1000
 MESSAGE_OVERHEAD = 1024 * 1024
 # Long-lived streams: keepalive pings so a dead WMS or network is noticed (GRPC-PRACTICE.md).
+# A channel whose WMS went away tries to reconnect at most every 2 s (gRPC's default backoff grows
+# to 120 s), so that calls work again within seconds of the WMS's return, however long it was down.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+# The WMS is unreachable or stopped answering: retrying later may succeed.
+OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def channel_options(max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> list[tuple[str, int]]:
@@ -57,6 +64,8 @@ def queue_error(exc: grpc.aio.AioRpcError, queue_id: str) -> QueueError:
         return QueueNotFound(text)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return QueueClosed(text)
+    if code in OUTAGE_CODES:
+        return QueueUnavailable(f"{text} ({code.name})")
     return QueueError(f"{text} ({code.name})")
 
 
@@ -139,7 +148,12 @@ class GrpcSubscription:
             req = await self._outgoing.get()
             if req is None:
                 return
-            await self._call.write(req)
+            try:
+                await self._call.write(req)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The stream is gone: reading raises why, and the WMS has put back every delivery
+                # this stream held, so the acks and nacks still queued have nothing to settle.
+                return
 
     async def close(self) -> None:
         """Send pending acks, end the stream; unacked deliveries go back to the queue."""
@@ -250,20 +264,33 @@ class GrpcQueueClient:
     ) -> GrpcSubscription:
         """Open a ``Subscribe`` stream; returns once the WMS confirmed it."""
         call = self._stub.Subscribe(metadata=self._metadata)
-        await call.write(
-            event_service_pb2.SubscribeRequest(
-                open=event_service_pb2.SubscribeOpen(
-                    queue_id=queue_id, prefetch=prefetch, lease_seconds=lease_seconds
+        try:
+            # Writing fails too when the WMS is unreachable: the same error as reading.
+            await call.write(
+                event_service_pb2.SubscribeRequest(
+                    open=event_service_pb2.SubscribeOpen(
+                        queue_id=queue_id, prefetch=prefetch, lease_seconds=lease_seconds
+                    )
                 )
             )
-        )
-        try:
             first = await asyncio.wait_for(call.read(), self._timeout)
         except grpc.aio.AioRpcError as exc:
+            call.cancel()
             raise queue_error(exc, queue_id) from exc
+        except asyncio.InvalidStateError:
+            # The stream ended before the open could be written: its status says why.
+            ended = grpc.aio.AioRpcError(
+                await call.code(),
+                await call.initial_metadata(),
+                await call.trailing_metadata(),
+                await call.details(),
+            )
+            raise queue_error(ended, queue_id) from None
         except TimeoutError:
             call.cancel()
-            raise QueueError(f"{queue_id}: the WMS did not confirm the subscription") from None
+            raise QueueUnavailable(
+                f"{queue_id}: the WMS did not confirm the subscription in {self._timeout:g} s"
+            ) from None
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "opened":
             call.cancel()
             raise QueueError(f"{queue_id}: the WMS did not confirm the subscription")

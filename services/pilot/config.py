@@ -29,6 +29,8 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_DRAIN_GRACE = 10.0
 # A timed-out task gets this long between SIGTERM and SIGKILL.
 DEFAULT_KILL_GRACE = 5.0
+# How long the pilot rides out an unreachable WMS or broker (as the TMS does) before it exits 1.
+DEFAULT_OUTAGE_TOLERANCE = 600.0
 BROKER_TYPES = ("embedded", "rabbitmq")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
@@ -103,10 +105,15 @@ class PilotSettings:
     task_network: bool
     drain_grace: float
     kill_grace: float
+    # EWMS_PILOT_OUTAGE_TOLERANCE: seconds of an unreachable WMS or broker the pilot waits out
+    # (outputs kept and retried, the input re-subscribed; never a task failure), then exits 1.
+    outage_tolerance: float
     max_event_bytes: int
     events_exchange: str
     events_url: str
     hostname: str = field(default_factory=socket.gethostname)
+    # EWMS_PILOT_HIDDEN_DIRECTORIES: host directories bwrap tasks do not see (a local WMS's data).
+    hidden_directories: tuple[Path, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -310,6 +317,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
             r.problem(f"EWMS_PILOT_EXTERNAL_DIRECTORIES: {str(path)!r} must be an absolute path")
         elif not path.is_dir():
             r.problem(f"EWMS_PILOT_EXTERNAL_DIRECTORIES: {str(path)!r} is not a directory")
+    hidden = tuple(Path(p) for p in _split_list(r.text("EWMS_PILOT_HIDDEN_DIRECTORIES")))
+    for path in hidden:
+        if not path.is_absolute():
+            r.problem(f"EWMS_PILOT_HIDDEN_DIRECTORIES: {str(path)!r} must be an absolute path")
 
     log_level = r.text("EWMS_PILOT_CL_LOG", "INFO").upper()
     log_level_3rd = r.text("EWMS_PILOT_CL_LOG_THIRD_PARTY", "WARNING").upper()
@@ -428,9 +439,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
         drain_grace=r.seconds("EWMS_PILOT_DRAIN_GRACE", DEFAULT_DRAIN_GRACE, positive=False) or 0.0,
         kill_grace=r.seconds("EWMS_PILOT_TASK_KILL_GRACE", DEFAULT_KILL_GRACE, positive=False)
         or 0.0,
+        outage_tolerance=r.seconds("EWMS_PILOT_OUTAGE_TOLERANCE", DEFAULT_OUTAGE_TOLERANCE)
+        or DEFAULT_OUTAGE_TOLERANCE,
         max_event_bytes=r.integer("EWMS_PILOT_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES, 1),
         events_exchange=exchange,
         events_url=events_url,
+        hidden_directories=hidden,
     )
     if settings.wms_address and not settings.taskforce_uuid:
         r.problem("EWMS_PILOT_TASKFORCE_UUID: required to report status to the WMS")

@@ -7,6 +7,9 @@ failed. :meth:`Pilot._handle` is one event's whole path: task directory, infile,
 published to every output queue (confirmed), then the input acked -- or, on any failure, nacked
 with the error text so the queue counts the attempt (and dead-letters it at ``max_attempts``).
 The pilot's status carries only the error's first line (:attr:`TaskError.summary`).
+A WMS or broker out of reach fails nothing: publishing and the intake wait it out
+(:mod:`services.pilot.queue_link`), and the idle clock stops meanwhile; only an outage longer
+than ``EWMS_PILOT_OUTAGE_TOLERANCE`` ends the pilot, with exit 1 and no task counted as failed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from services.pilot.failures import (
     WorkflowEndedError,
     first_line,
 )
-from services.pilot.queue_link import Intake, QueueLink, Received
+from services.pilot.queue_link import Intake, QueueUnreachable, Received, queue_links
 from services.pilot.runner import RunResult, run
 from services.pilot.runtimes import Launch, Mount, Runtime, RuntimeSetupError, TaskSpec
 from services.pilot.spawner import Spawner
@@ -139,12 +142,7 @@ class Pilot:
             reporter.counters = self.counters  # the same object: read when a status is sent
         self.last_error = ""
         self._phase: int = Phase.PILOT_PHASE_STARTED
-        self._inputs = QueueLink(settings.incoming, settings.max_event_bytes, "pilot-in")
-        self._outputs = (
-            self._inputs
-            if settings.outgoing == settings.incoming
-            else QueueLink(settings.outgoing, settings.max_event_bytes, "pilot-out")
-        )
+        self._inputs, self._outputs = queue_links(settings)
         # Every event being handled; at most EWMS_PILOT_MAX_CONCURRENT_TASKS hold a slot (their
         # process runs). A slot frees when the process exits, so publishing and acking overlap
         # the next task.
@@ -162,7 +160,9 @@ class Pilot:
         self._stop = asyncio.Event()  # stop now: cancel in-flight tasks
         self._drain_reason = ""
         self._drained_by_signal = False
-        self._fatal: TaskError | None = None
+        # Why the pilot ends with a fatal error: a task's (with the stop-on-error setting), the
+        # task directory's, the input queue's, or an outage longer than the tolerance.
+        self._fatal: Exception | None = None
         self._task_image = settings.task_image
         self._first_received: float | None = None
         self._intake: Intake | None = None
@@ -192,6 +192,19 @@ class Pilot:
         self._drain.set()
         self._stop.set()
         self._poke()
+
+    def _give_up(self, error: QueueUnreachable) -> None:
+        """The WMS or broker stayed away longer than the outage tolerance: stop now and exit 1.
+        Nothing in flight can be published or settled, so nothing waits for it; the inputs go
+        back to their queues with the lost subscriptions."""
+        if self._fatal is None:
+            log.error("giving up", error=str(error))
+            self._fatal = error
+        self.stop(str(error))
+
+    @property
+    def _gave_up(self) -> bool:
+        return isinstance(self._fatal, QueueUnreachable)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT (HTCondor eviction, condor_rm, Ctrl-C) drain the pilot."""
@@ -287,7 +300,7 @@ class Pilot:
         try:
             intake = self._intake = Intake(self._inputs, self.s.prefetch)
             await intake.open()
-        except QueueError as exc:
+        except (QueueError, QueueUnreachable) as exc:
             return Outcome(1, Phase.PILOT_PHASE_FATAL_ERROR, f"cannot subscribe: {exc}")
         self._set_phase(Phase.PILOT_PHASE_AWAITING_FIRST_EVENT)
         try:
@@ -349,13 +362,17 @@ class Pilot:
         loop = asyncio.get_running_loop()
         received_any = False
         idle_since = time.monotonic()
-        intake.on_ready = self._poke
+        intake.on_change = self._poke
         intake.failed.add_done_callback(lambda _f: self._poke())
         try:
             while not self._drain.is_set():
                 if intake.failed.done():
-                    self.drain("input queue lost")
-                    self._fatal = self._fatal or ContainerRunError(str(intake.failed.result()))
+                    failure = intake.failed.result()
+                    if isinstance(failure.cause, QueueUnreachable):
+                        self._give_up(failure.cause)
+                    else:
+                        self._fatal = self._fatal or failure
+                        self.drain("input queue lost")
                     break
                 while not intake.ready.empty():
                     item = intake.ready.get_nowait()
@@ -365,8 +382,10 @@ class Pilot:
                         self._set_phase(Phase.PILOT_PHASE_TASKING)
                     self._start(item)
                 timer = None
-                if not self._tasks:
-                    idle_since = max(idle_since, self._last_done)
+                # While an input queue cannot be read the pilot is not idle: it waits for the
+                # queue (up to the outage tolerance), and its idle time starts once it is back.
+                if not self._tasks and intake.connected:
+                    idle_since = max(idle_since, self._last_done, intake.connected_at)
                     limit = self.s.idle_timeout if received_any else self.s.first_event_timeout
                     timeout = idle_since + limit - time.monotonic()
                     if timeout <= 0:
@@ -381,7 +400,7 @@ class Pilot:
                     if timer is not None:
                         timer.cancel()
         finally:
-            intake.on_ready = None
+            intake.on_change = None
         return await self._wind_down(intake)
 
     def _poke(self) -> None:
@@ -525,8 +544,9 @@ class Pilot:
             await self._publish(outputs)
             self._stage("stage_out", r, job, finished=True, bytes=r.bytes_out)
         except (asyncio.CancelledError, NotStarted) as exc:
-            if "execution.started" not in r.timestamps:
-                # Never ran: back to the queue for another pilot, not counted as a failure.
+            if "execution.started" not in r.timestamps or self._gave_up:
+                # Never ran, or stopped by an outage: back to the queue for another pilot, not
+                # counted as a failure.
                 await self._nack(item, NOT_STARTED, dead_letter=False)
                 if paths is not None:
                     self._dirs.recycle(paths)
@@ -537,6 +557,13 @@ class Pilot:
                 self._failed(item, r, stopped, paths)
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            return
+        except QueueUnreachable as exc:
+            # The outputs could not be published through a whole outage: the pilot's failure,
+            # not the task's. The input is not acked, so it runs again elsewhere.
+            self._give_up(exc)
+            if paths is not None:
+                self._dirs.recycle(paths)
             return
         except TaskError as exc:
             if isinstance(exc, ContainerRunError) and r.result is None:

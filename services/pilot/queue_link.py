@@ -1,18 +1,26 @@
 """The pilot's connections to its queues, kept alive.
 
 :class:`QueueLink` is one side's client (EventService over gRPC for the embedded broker, AMQP for
-RabbitMQ) that reconnects after the broker or WMS went away; publishing retries a bounded number of
-times. :class:`Intake` subscribes to every input queue and merges their deliveries; a subscription
-that breaks is re-opened with backoff (its unacked deliveries went back to the queue), and after
-too many failed attempts in a row the intake fails -- nothing retries forever.
+RabbitMQ) that reconnects after the broker or WMS went away. :class:`Intake` subscribes to every
+input queue and merges their deliveries; a subscription that breaks is re-opened (its unacked
+deliveries went back to the queue).
+
+Two kinds of failure are told apart. An *outage* -- the WMS or broker unreachable, or a
+connection lost -- is waited out: publishing and re-subscribing retry at most
+``OUTAGE_BACKOFF_MAX`` apart (so work resumes within seconds of the return), on one clock per
+WMS or broker (:class:`Outage`), until the outage has lasted ``EWMS_PILOT_OUTAGE_TOLERANCE``; then
+:class:`QueueUnreachable` ends the pilot. It is never a task failure. Any other error is retried a
+few times (``PUBLISH_ATTEMPTS``, ``RECONNECT_ATTEMPTS``) and then fails: nothing retries forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -25,10 +33,11 @@ from services.events.client import (
     QueueClosed,
     QueueError,
     QueueNotFound,
+    QueueUnavailable,
     Subscription,
 )
 from services.events.grpc_client import GrpcQueueClient
-from services.pilot.config import QueueSide
+from services.pilot.config import PilotSettings, QueueSide
 
 log = structlog.get_logger(__name__)
 
@@ -36,19 +45,90 @@ PUBLISH_ATTEMPTS = 5
 RECONNECT_ATTEMPTS = 10
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+OUTAGE_BACKOFF_MAX = 2.0
 PERMANENT_ERRORS = (EventTooLarge, QueueAccessDenied, QueueNotFound, QueueClosed)
 
 
-def backoff(attempt: int) -> float:
-    """Full-jitter exponential backoff for the ``attempt``-th retry (0-based)."""
-    return random.uniform(BACKOFF_FIRST / 2, min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt))
+def backoff(attempt: int, cap: float = BACKOFF_MAX) -> float:
+    """Full-jitter exponential backoff for the ``attempt``-th retry (0-based), at most ``cap``.
+    The exponent is bounded: an outage can last thousands of attempts."""
+    return random.uniform(BACKOFF_FIRST / 2, min(cap, BACKOFF_FIRST * 2 ** min(attempt, 16)))
+
+
+class QueueUnreachable(Exception):
+    """The WMS or broker stayed unreachable longer than ``EWMS_PILOT_OUTAGE_TOLERANCE``: the pilot
+    gives up and exits 1. Not a task failure, and not a queue error a retry could fix."""
+
+
+class Outage:
+    """How long one WMS or broker has been unreachable. Shared by every call to it, so that one
+    outage is one clock however many publishes and subscriptions wait it out."""
+
+    def __init__(self, where: str, tolerance: float) -> None:
+        self.where = where
+        self.tolerance = tolerance
+        self.since: float | None = None
+
+    def retry_in(self, attempt: int, error: QueueError) -> float:
+        """Count a call that failed for the outage; returns how long to wait before the next
+        attempt (the ``attempt``-th in a row), or raises QueueUnreachable once the outage has lasted
+        the tolerance."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            log.warning(
+                "unreachable; waiting for it",
+                where=self.where,
+                tolerance_s=self.tolerance,
+                error=str(error),
+            )
+        down = now - self.since
+        if down >= self.tolerance:
+            raise QueueUnreachable(
+                f"{self.where} was unreachable for {down:.0f} s, longer than "
+                f"EWMS_PILOT_OUTAGE_TOLERANCE ({self.tolerance:g} s); last error: {error}"
+            )
+        return min(backoff(attempt, OUTAGE_BACKOFF_MAX), self.tolerance - down)
+
+    def over(self) -> None:
+        """A call succeeded: the outage, if any, is over."""
+        if self.since is not None:
+            log.info(
+                "reachable again", where=self.where, down_s=round(time.monotonic() - self.since, 1)
+            )
+            self.since = None
+
+
+def broker_name(side: QueueSide) -> str:
+    """Who serves a side's queues, for messages (an AMQP URL's password left out)."""
+    if side.broker_type == "rabbitmq":
+        parts = urlsplit(side.address)
+        return f"RabbitMQ at {parts.hostname}:{parts.port or 5672}"
+    return f"the WMS at {side.address}"
+
+
+def queue_links(settings: PilotSettings) -> tuple[QueueLink, QueueLink]:
+    """The input and output links (one link when both sides are the same), with one outage clock
+    per WMS or broker."""
+    outages: dict[str, Outage] = {}
+
+    def link(side: QueueSide, name: str) -> QueueLink:
+        where = broker_name(side)
+        outage = outages.setdefault(where, Outage(where, settings.outage_tolerance))
+        return QueueLink(side, settings.max_event_bytes, name, outage)
+
+    inputs = link(settings.incoming, "pilot-in")
+    if settings.outgoing == settings.incoming:
+        return inputs, inputs
+    return inputs, link(settings.outgoing, "pilot-out")
 
 
 class QueueLink:
     """One side's queue client, re-created when its connection is gone."""
 
-    def __init__(self, side: QueueSide, max_event_bytes: int, name: str) -> None:
+    def __init__(self, side: QueueSide, max_event_bytes: int, name: str, outage: Outage) -> None:
         self.side = side
+        self.outage = outage
         self._max_event_bytes = max_event_bytes
         self._name = name
         self._client: QueueClient | None = None
@@ -84,20 +164,43 @@ class QueueLink:
             side.address, side.token, max_event_bytes=self._max_event_bytes
         )
 
+    def is_outage(self, error: QueueError) -> bool:
+        """Whether ``error`` came from the WMS or broker being out of reach (rather than refusing
+        the call): gRPC UNAVAILABLE or a deadline, or an AMQP connection lost or not made."""
+        if isinstance(error, QueueUnavailable):
+            return True
+        client = self._client
+        return self.side.broker_type == "rabbitmq" and (
+            client is None or (isinstance(client, AmqpQueueClient) and not client.is_open)
+        )
+
     async def publish(self, queue_id: str, events: Sequence[queue_pb2.Event]) -> None:
-        """Publish durably, retrying connection failures a bounded number of times."""
-        for attempt in range(PUBLISH_ATTEMPTS):
+        """Publish durably. Through an outage this retries until it has lasted the tolerance
+        (then QueueUnreachable); other errors are retried PUBLISH_ATTEMPTS times."""
+        failures = 0
+        waited = 0
+        while True:
             try:
                 client = await self.client()
                 await client.publish(queue_id, events)
-                return
             except PERMANENT_ERRORS:
                 raise
             except QueueError as exc:
-                if attempt == PUBLISH_ATTEMPTS - 1:
-                    raise
-                log.warning("publish failed; retrying", queue=queue_id, error=str(exc))
-                await asyncio.sleep(backoff(attempt))
+                if self.is_outage(exc):
+                    delay = self.outage.retry_in(waited, exc)
+                    waited += 1
+                else:
+                    failures += 1
+                    if failures >= PUBLISH_ATTEMPTS:
+                        raise
+                    delay = backoff(failures - 1)
+                # One warning per publish; an outage's retries (2 s apart) only at debug level.
+                report = log.warning if failures + waited == 1 else log.debug
+                report("publish failed; retrying", queue=queue_id, error=str(exc))
+                await asyncio.sleep(delay)
+            else:
+                self.outage.over()
+                return
 
     async def close(self) -> None:
         """Close the client."""
@@ -116,7 +219,12 @@ class Received:
 
 
 class IntakeFailed(Exception):
-    """An input queue could not be (re)subscribed; the message says why."""
+    """An input queue could not be (re)subscribed, or its reader failed; the message says why and
+    ``cause`` is the error that ended it."""
+
+    def __init__(self, message: str, cause: Exception) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class Intake:
@@ -131,38 +239,81 @@ class Intake:
         self.failed: asyncio.Future[IntakeFailed] = asyncio.get_running_loop().create_future()
         self._closed = False
         self._paused = False
-        # Called after each delivery is put into ``ready`` (the pilot's wake-up).
-        self.on_ready: Callable[[], None] | None = None
+        # Input queues whose subscription is lost and not yet re-opened.
+        self._lost: set[str] = set()
+        # When every input queue was last subscribed again (monotonic): the pilot's idle clock
+        # starts no earlier, since a queue it cannot read is not an empty queue.
+        self.connected_at = time.monotonic()
+        # Called when the pilot should look again: a delivery was put into ``ready``, or an input
+        # subscription was lost or restored.
+        self.on_change: Callable[[], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Every input queue is subscribed."""
+        return not self._lost
 
     async def open(self) -> None:
-        """Subscribe to every input queue (errors here are raised as they are)."""
+        """Subscribe to every input queue, waiting out an outage (QueueUnreachable after the
+        tolerance); other errors are raised as they are."""
         for queue_id in self._link.side.queues:
-            self._subscriptions[queue_id] = await self._subscribe(queue_id)
+            self._subscriptions[queue_id] = await self._first_subscribe(queue_id)
         for queue_id in self._link.side.queues:
             self._readers.append(
                 asyncio.create_task(self._read(queue_id), name=f"intake-{queue_id}")
             )
+
+    async def _first_subscribe(self, queue_id: str) -> Subscription:
+        waited = 0
+        while True:
+            try:
+                subscription = await self._subscribe(queue_id)
+            except PERMANENT_ERRORS:
+                raise
+            except QueueError as exc:
+                if not self._link.is_outage(exc):
+                    raise
+                delay = self._link.outage.retry_in(waited, exc)
+                waited += 1
+                await asyncio.sleep(delay)
+            else:
+                self._link.outage.over()
+                return subscription
 
     async def _subscribe(self, queue_id: str) -> Subscription:
         client = await self._link.client()
         return await client.subscribe(queue_id, self._prefetch)
 
     async def _read(self, queue_id: str) -> None:
-        failures = 0
+        """Read one input queue until closed; whatever ends it otherwise ends the intake, so the
+        pilot never sits idle on a queue nobody reads."""
+        try:
+            await self._keep_reading(queue_id)
+        except Exception as exc:
+            log.exception("input queue reader failed", queue=queue_id)
+            self._fail(queue_id, exc, f"its reader failed: {exc!r}")
+
+    async def _keep_reading(self, queue_id: str) -> None:
+        failures = 0  # errors in a row that are not an outage
+        waited = 0  # attempts in a row through an outage
         while not self._closed:
             subscription = self._subscriptions.get(queue_id)
             try:
                 if subscription is None:
-                    subscription = self._subscriptions[queue_id] = await self._subscribe(queue_id)
-                    log.info("input queue re-subscribed", queue=queue_id)
+                    subscription = await self._subscribe(queue_id)
+                    self._subscriptions[queue_id] = subscription
+                    if self._paused:
+                        await subscription.pause()
+                    waited = 0
+                    self._link.outage.over()
+                    self._restored(queue_id)
                 async for delivery in subscription:
                     failures = 0
                     self.ready.put_nowait(Received(delivery, subscription, queue_id))
-                    if self.on_ready is not None:
-                        self.on_ready()
+                    self._changed()
                 if self._closed:
                     return
-                error: Exception = QueueError("the subscription ended")
+                error: QueueError = QueueError("the subscription ended")
             except PERMANENT_ERRORS as exc:
                 self._fail(queue_id, exc)
                 return
@@ -173,16 +324,41 @@ class Intake:
             self._subscriptions.pop(queue_id, None)
             if subscription is not None:
                 await subscription.close()
-            if failures >= RECONNECT_ATTEMPTS:
-                self._fail(queue_id, error)
-                return
-            log.warning("input queue lost; re-subscribing", queue=queue_id, error=str(error))
-            await asyncio.sleep(backoff(failures))
-            failures += 1
+            if queue_id not in self._lost:
+                log.warning("input queue lost; re-subscribing", queue=queue_id, error=str(error))
+                self._lost.add(queue_id)
+                self._changed()
+            else:
+                log.debug("re-subscribing failed; retrying", queue=queue_id, error=str(error))
+            if self._link.is_outage(error):
+                try:
+                    delay = self._link.outage.retry_in(waited, error)
+                except QueueUnreachable as exc:
+                    self._fail(queue_id, exc)
+                    return
+                waited += 1
+            else:
+                if failures >= RECONNECT_ATTEMPTS:
+                    self._fail(queue_id, error)
+                    return
+                delay = backoff(failures)
+                failures += 1
+            await asyncio.sleep(delay)
 
-    def _fail(self, queue_id: str, error: Exception) -> None:
+    def _restored(self, queue_id: str) -> None:
+        log.info("input queue re-subscribed", queue=queue_id)
+        self._lost.discard(queue_id)
+        if not self._lost:
+            self.connected_at = time.monotonic()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _fail(self, queue_id: str, error: Exception, why: str = "") -> None:
         if not self.failed.done():
-            self.failed.set_result(IntakeFailed(f"input queue {queue_id}: {error}"))
+            self.failed.set_result(IntakeFailed(f"input queue {queue_id}: {why or error}", error))
 
     async def pause(self) -> None:
         """Take no new deliveries from any input queue (held ones can still be settled, and a

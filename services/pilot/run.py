@@ -40,6 +40,7 @@ async def run_pilot(settings: PilotSettings) -> int:
             apptainer_build_workdir=settings.apptainer_build_workdir,
             apptainer_image_must_be_present=settings.apptainer_image_must_be_present,
             docker_shm_size=settings.docker_shm_size,
+            hidden_directories=settings.hidden_directories,
             # Tasks never see the pilot's own settings (they hold its tokens).
             host_env={
                 k: v

@@ -78,6 +78,7 @@ class RuntimeOptions:
     # _EWMS_PILOT_APPTAINER_IMAGE_DIRECTORY_MUST_BE_PRESENT
     apptainer_image_must_be_present: bool = True
     docker_shm_size: str | None = None  # _EWMS_PILOT_DOCKER_SHM_SIZE
+    hidden_directories: tuple[Path, ...] = ()  # EWMS_PILOT_HIDDEN_DIRECTORIES (bwrap)
     host_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 
@@ -160,16 +161,13 @@ class BwrapRuntime:
 
     def launch(self, spec: TaskSpec) -> Launch:
         mounts = _mounts_with_workdir(spec, maps_paths=False)
-        argv = [
-            "bwrap",
-            *self.sandbox_flags(mounts),
-            "--chdir",
-            str(spec.workdir.resolve()),
-            "--",
-            *spec.argv,
-        ]
-        env = {**self.options.host_env, **_task_env(spec)}
-        return Launch(argv=argv, env=env, cwd=spec.workdir)
+        argv = ["bwrap", *self.sandbox_flags(mounts)]
+        # The task's variables are set inside the sandbox only: bwrap itself runs outside it, so
+        # a task's PATH or LD_PRELOAD must not choose which bwrap runs or what it loads.
+        for key, value in _task_env(spec).items():
+            argv += ["--setenv", key, value]
+        argv += ["--chdir", str(spec.workdir.resolve()), "--", *spec.argv]
+        return Launch(argv=argv, env=dict(self.options.host_env), cwd=spec.workdir)
 
     async def cleanup(self, launch: Launch) -> None:
         # --die-with-parent: the sandbox dies with the killed bwrap.
@@ -199,6 +197,10 @@ class BwrapRuntime:
             path = Path(private)
             if path.is_dir() and not path.is_symlink():
                 flags += ["--tmpfs", private]
+        # The sandbox runs as the pilot's uid, which may own these (a local WMS's secret).
+        for hidden in self.options.hidden_directories:
+            if hidden.is_dir():
+                flags += ["--tmpfs", str(hidden.resolve())]
         resolv = Path("/etc/resolv.conf").resolve()
         if self.options.task_network and resolv.is_file() and resolv.is_relative_to("/run"):
             flags += ["--ro-bind", str(resolv), str(resolv)]  # systemd-resolved's, under /run

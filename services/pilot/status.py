@@ -9,10 +9,11 @@ share messages instead of taking one each. An event leaves the buffer only once 
 it was written, so a lost stream sends it again. Each round sends pending phase changes first, then
 lifecycle events, then the coalesced status.
 
-If the WMS goes away the pilot keeps working: this reconnects with jittered exponential backoff,
-re-sends its hello and latest status, and sends the lifecycle events buffered meanwhile (up to a
-bound; older ones are dropped and counted). Drain and stop commands from the WMS are handed to
-callbacks.
+If the WMS goes away the pilot keeps working: this reconnects with jittered exponential backoff
+(at most ``BACKOFF_MAX`` apart, so the WMS sees the pilot within seconds of its return, however
+long it was away), re-sends its hello and latest status, and sends the lifecycle events buffered
+meanwhile (up to a bound; older ones are dropped and counted). Drain and stop commands from the
+WMS are handed to callbacks.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 COALESCE_SECONDS = 0.25
 BACKOFF_FIRST = 0.5
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 2.0
 MAX_BUFFERED_TASK_EVENTS = 10_000
 MAX_EVENTS_PER_MESSAGE = 500
 # The WMS keeps no more of an error than this; cutting it here also bounds a batch's size (well
@@ -95,6 +96,8 @@ class StatusReporter:
         self._wake = asyncio.Event()
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
+        # When the stream was lost (monotonic), until it is restored.
+        self._lost_at: float | None = None
         self._last_sent = 0.0
 
     # -- what the pilot reports --------------------------------------------------------------
@@ -175,20 +178,27 @@ class StatusReporter:
                         details=exc.details(),
                     )
                     return
-                log.warning("status stream to the WMS lost", code=exc.code().name)
+                self._lost(code=exc.code().name)
                 welcomed = False
             except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except Exception as exc:
-                log.warning("status stream to the WMS lost", error=repr(exc))
+                self._lost(error=repr(exc))
                 welcomed = False
             finally:
                 await channel.close()
             if self._closing and not welcomed and attempt >= 2:
                 return
-            attempt = 0 if welcomed else attempt + 1
+            # Bounded: an outage can last thousands of attempts, and 2**attempt would overflow.
+            attempt = 0 if welcomed else min(attempt + 1, 16)
             delay = random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt))
             await asyncio.sleep(delay)
+
+    def _lost(self, **why: str) -> None:
+        """Log the first failure of an outage (every attempt fails until the WMS is back)."""
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+            log.warning("status stream to the WMS lost", **why)
 
     async def _session(self, channel: grpc.aio.Channel) -> bool:
         """One stream; returns whether it was welcomed. Ends when closing is done."""
@@ -201,6 +211,12 @@ class StatusReporter:
                 grpc.StatusCode.UNKNOWN, grpc.aio.Metadata(), grpc.aio.Metadata(), "no welcome"
             )
         self._dirty = self._urgent = True
+        if self._lost_at is not None:
+            log.info(
+                "status stream to the WMS restored",
+                down_s=round(time.monotonic() - self._lost_at, 1),
+            )
+            self._lost_at = None
         reader = asyncio.create_task(self._read(call))
         try:
             await self._write(call, reader)

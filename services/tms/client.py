@@ -1,7 +1,8 @@
 """The TMS process: one bidirectional stream to the WMS over one scheduler backend.
 
 Down the stream come start and stop commands; up go their confirmations and the workers' job
-states (and their pilots' chirps, HTCondor only) the moment they change. ``JobBook`` is the
+states (with how an ended job's process exited, and their pilots' chirps, HTCondor only) the
+moment they change. ``JobBook`` is the
 aggregation shared by every backend: it keeps each worker's latest job state and chirps per
 taskforce and hands out what changed since the last message (or everything, after a reconnect).
 The TMS keeps no state of its own: a restarted TMS adopts the clusters the WMS lists in its
@@ -16,7 +17,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from google.protobuf import timestamp_pb2
 from ewms.v1 import task_manager_service_pb2 as tms_pb2
 from ewms.v1 import task_manager_service_pb2_grpc
 from services.tms.chirps import apply_chirp
-from services.tms.pilot_env import PilotEnvError, submit_spec
+from services.tms.pilot_env import PilotEnvError, SiteEnv, submit_spec
 from services.tms.scheduler import (
     ClusterLeft,
     PilotChirp,
@@ -42,13 +43,17 @@ log = structlog.get_logger(__name__)
 Request = tms_pb2.TaskManagerServiceConnectRequest
 VERSION = "0.1.0"
 RECONNECT_FIRST_DELAY = 0.25
-RECONNECT_MAX_DELAY = 10.0
+# Attempts at most 2 s apart, and the channel's own reconnects too (gRPC's default backoff grows
+# to 120 s): the TMS is back within seconds of the WMS's return, however long it was away.
+RECONNECT_MAX_DELAY = 2.0
 # Keepalive for the long-lived stream (GRPC-PRACTICE.md): ping every 30 s, allowed by the WMS.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
@@ -87,6 +92,11 @@ class JobBook:
             state.job_state = event.state
             state.hold_reason = event.hold_reason
             state.timestamp.CopyFrom(_ts(event.time))
+            if event.job_exit is None:
+                state.ClearField("job_exit")
+            else:
+                state.job_exit.exit_code = event.job_exit.exit_code
+                state.job_exit.signal = event.job_exit.signal
         self.dirty.setdefault(event.taskforce_uuid, set()).add(event.worker_id)
 
     def changes(self) -> tms_pb2.JobStatusSnapshot | None:
@@ -127,7 +137,7 @@ class TmsClient:
         location: str,
         scheduler: Scheduler,
         *,
-        pilot_env_defaults: Mapping[str, str] | None = None,
+        site_env: SiteEnv | None = None,
         reconnect_limit: float = 600.0,
         tms_id: str = "",
     ) -> None:
@@ -135,7 +145,7 @@ class TmsClient:
         self._token = token
         self._location = location
         self._scheduler = scheduler
-        self._defaults = dict(pilot_env_defaults or {})
+        self._site_env = site_env or SiteEnv()
         self._reconnect_limit = reconnect_limit
         self.tms_id = tms_id or f"{socket.gethostname()}-{os.getpid()}"
         self.book = JobBook()
@@ -291,7 +301,7 @@ class TmsClient:
             try:
                 found = await self._scheduler.find(uuid)
                 if found is None:
-                    spec = submit_spec(start, self._defaults)
+                    spec = submit_spec(start, self._site_env)
                     found = await self._scheduler.submit(spec)
                     self.submits += 1
                     log.info(

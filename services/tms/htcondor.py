@@ -471,6 +471,7 @@ class HTCondorScheduler:
                 state=state,
                 time=event.time,
                 hold_reason=hold_reason,
+                job_exit=event.job_exit,
             )
         )
         if event.type == SUBMIT:

@@ -13,11 +13,14 @@ twice. The records, each one change of a job (``proc``) or of a cluster:
 - ``submit``: the cluster and all that is needed to start its workers (environment, resources,
   input files); its jobs are IDLE;
 - ``execute``: a worker's process started (pid, start time, CPUs): RUNNING;
-- ``terminated``: it exited (its exit code, ``null`` when it was not our child): COMPLETED;
+- ``terminated``: it exited (its exit code, ``-signal`` when a signal killed it, ``null`` when it
+  was not our child): COMPLETED, reported with that exit (``JobExit``) as HTCondor's JOB_TERMINATED
+  event reports a job's return value or the signal that ended it; no exit when it is not known;
 - ``held``: a limit was exceeded, or the process could not start (HTCondor's reason and hold code):
   HELD. The process is killed (``exited`` records its end) and the job stays HELD until removed:
   like HTCondor's, but without a release;
-- ``remove``: the cluster is being removed; ``aborted``: one of its jobs is gone: REMOVED;
+- ``remove``: the cluster is being removed; ``aborted``: one of its jobs is gone (its exit code
+  as above, if it had a process): REMOVED;
 - ``cluster_left``: all its jobs are COMPLETED or REMOVED (HTCondor's cluster-remove event).
 
 At most ``slots`` worker processes run at once (a held or removed worker's process keeps its slot
@@ -80,6 +83,7 @@ from services.tms.scheduler import (
     WORKER_ID_VARIABLE,
     ClusterLeft,
     JobChange,
+    JobExit,
     JobState,
     SchedulerError,
     SchedulerEvent,
@@ -282,6 +286,7 @@ class _Worker:
     hold_reason: str = ""
     process: _Process | None = None
     held_kill_at: float | None = None  # when a held worker's process must be dead
+    job_exit: JobExit | None = None  # how its process ended, once COMPLETED or REMOVED
 
 
 @dataclass(eq=False)
@@ -320,6 +325,15 @@ def _spec_from_record(record: dict[str, Any]) -> SubmitSpec:
         pilot_tag=str(record.get("pilot_tag", "latest")),
         pilot_image_source=str(record.get("pilot_image_source", "auto")),
     )
+
+
+def _job_exit(exit_code: int | None) -> JobExit | None:
+    """A recorded exit code (``-signal`` if killed, None if unknown) as the job's exit."""
+    if exit_code is None:
+        return None
+    if exit_code < 0:
+        return JobExit(signal=-exit_code)
+    return JobExit(exit_code=exit_code)
 
 
 def _exit_code(pidfd: int) -> int | None:
@@ -548,6 +562,7 @@ class LocalScheduler:
             )
         elif kind == "terminated":
             worker.state, worker.time, worker.process = COMPLETED, when, None
+            worker.job_exit = _job_exit(record["exit_code"])
         elif kind == "held":
             worker.state, worker.time = HELD, when
             worker.hold_reason = str(record["reason"])
@@ -556,6 +571,7 @@ class LocalScheduler:
             worker.process = None
         elif kind == "aborted":
             worker.state, worker.time, worker.process = REMOVED, when, None
+            worker.job_exit = _job_exit(record.get("exit_code"))
         else:
             raise ValueError(f"unknown event {kind!r}")
 
@@ -830,6 +846,7 @@ class LocalScheduler:
                     "exit_code": exit_code,
                 }
             )
+            worker.job_exit = _job_exit(exit_code)
             self._set_state(worker, COMPLETED, now)
         else:
             self._record(
@@ -879,6 +896,7 @@ class LocalScheduler:
                 "exit_code": exit_code,
             }
         )
+        worker.job_exit = _job_exit(exit_code)
         self._set_state(worker, REMOVED, now)
 
     def _check_left(self, cluster: _Cluster) -> None:
@@ -905,8 +923,11 @@ class LocalScheduler:
     def _emit_state(self, worker: _Worker) -> None:
         reason = worker.hold_reason if worker.state == HELD else ""
         uuid = worker.cluster.spec.taskforce_uuid
+        ended = worker.job_exit if worker.state in (COMPLETED, REMOVED) else None
         self._emit(
-            JobChange(uuid, worker.cluster.id, worker.proc, worker.state, worker.time, reason)
+            JobChange(
+                uuid, worker.cluster.id, worker.proc, worker.state, worker.time, reason, ended
+            )
         )
 
     def _emit(self, event: SchedulerEvent) -> None:

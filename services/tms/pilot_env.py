@@ -1,25 +1,52 @@
 """The pilot's environment for a start command: what the original TMS injects into
 ``pilot_config.environment`` (UPSTREAM.md §2.3), built from the ``StartTaskforce`` the WMS sends.
 
-Precedence, lowest first: the TMS's defaults (``EWMS_TMS_PILOT_ENV``), the user's
-``pilot_config.environment``, then what the WMS decides (task, queues, credentials, identity),
-which nobody overrides. Unlike the original, defaults may also name the ``_EWMS_PILOT_*`` variables
-(its quirk #5 silently dropped them).
+Precedence, lowest first: the user's ``pilot_config.environment``, the site's settings
+(``EWMS_TMS_PILOT_ENV``), then what the WMS decides (task, queues, credentials, identity), which
+nobody overrides. Unlike the original (whose TMS values were defaults a user could override), the
+site's values win: a site that sets ``EWMS_PILOT_RUNTIME=bwrap`` means every pilot to sandbox its
+tasks. Names the site locks (``EWMS_TMS_PILOT_LOCKED``; by default the runtime, network and mount
+settings) a user may not set at all, and a user's variable outside the rules of
+``services.env_rules`` (a workflow stored before them) refuses the start too: either fails the
+submit with the variable's name rather than starting a pilot the site did not mean. Unlike the
+original, site values may also name the ``_EWMS_PILOT_*`` variables (its quirk #5 silently dropped
+them).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import structlog
 from google.protobuf import json_format, struct_pb2
 
-from ewms.v1 import queue_pb2, task_manager_service_pb2
+from ewms.v1 import queue_pb2, task_manager_service_pb2, taskforce_pb2
+from services.env_rules import PILOT_PREFIXES, pilot_env_problem
 from services.tms.scheduler import SubmitSpec, WorkerResources
 
-PILOT_PREFIXES = ("EWMS_PILOT_", "_EWMS_PILOT_")
+log = structlog.get_logger(__name__)
+
+# What a user may not set unless the site says otherwise: the runtime (and so the sandbox), the
+# task's network, and what is mounted or written on the host.
+DEFAULT_LOCKED = frozenset(
+    {
+        "EWMS_PILOT_RUNTIME",
+        "_EWMS_PILOT_CONTAINER_PLATFORM",
+        "EWMS_PILOT_TASK_NETWORK",
+        "EWMS_PILOT_EXTERNAL_DIRECTORIES",
+        "EWMS_PILOT_HIDDEN_DIRECTORIES",
+        "EWMS_PILOT_DATA_DIR_PARENT_PATH_ON_HOST",
+        "_EWMS_PILOT_APPTAINER_BUILD_WORKDIR",
+    }
+)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class PilotEnvError(ValueError):
@@ -38,6 +65,43 @@ def parse_defaults(text: str) -> dict[str, str]:
             )
         out[name] = value
     return out
+
+
+def parse_locked(text: str) -> frozenset[str]:
+    """``EWMS_TMS_PILOT_LOCKED``: variable names separated by commas or spaces."""
+    names = frozenset(n for n in re.split(r"[\s,]+", text) if n)
+    bad = sorted(n for n in names if not _NAME.match(n))
+    if bad:
+        raise PilotEnvError(f"EWMS_TMS_PILOT_LOCKED: {', '.join(map(repr, bad))} are not names")
+    return names
+
+
+@dataclass(frozen=True)
+class SiteEnv:
+    """The site's pilot settings: ``values`` win over a user's ``pilot_config.environment``, and
+    a user may not set the ``locked`` names at all."""
+
+    values: Mapping[str, str] = field(default_factory=dict)
+    locked: frozenset[str] = DEFAULT_LOCKED
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> SiteEnv:
+        """``EWMS_TMS_PILOT_ENV`` and ``EWMS_TMS_PILOT_LOCKED`` (unset: DEFAULT_LOCKED; set,
+        exactly the names given, so a site may also unlock)."""
+        locked = env.get("EWMS_TMS_PILOT_LOCKED")
+        return cls(
+            parse_defaults(env.get("EWMS_TMS_PILOT_ENV", "")),
+            DEFAULT_LOCKED if locked is None else parse_locked(locked),
+        )
+
+    def hiding(self, directory: Path) -> SiteEnv:
+        """These settings, with ``directory`` added to the ones bwrap tasks may not see
+        (``EWMS_PILOT_HIDDEN_DIRECTORIES``): a local TMS hides the data directory of the WMS
+        beside it, which holds the secret that signs every token."""
+        name = "EWMS_PILOT_HIDDEN_DIRECTORIES"
+        hidden = [p for p in re.split(r"[,;\s]+", self.values.get(name, "")) if p]
+        values = {**self.values, name: ",".join([*hidden, str(directory.absolute())])}
+        return replace(self, values=values)
 
 
 def _value_text(value: struct_pb2.Value) -> str:
@@ -97,15 +161,40 @@ def _queue_side(
     env[f"{prefix}_MAX_ATTEMPTS"] = str(first.max_attempts or 3)
 
 
+def _users_environment(tf: taskforce_pb2.Taskforce, site: SiteEnv) -> dict[str, str]:
+    """The user's ``pilot_config.environment`` as text; PilotEnvError naming every variable the
+    user may not set."""
+    env: dict[str, str] = {}
+    refused: list[str] = []
+    for name, value in sorted(tf.pilot_config.environment.items()):
+        problem = pilot_env_problem(name)
+        if problem is None and name in site.locked:
+            problem = "refused: fixed by this site (EWMS_TMS_PILOT_LOCKED)"
+        if problem is None:
+            env[name] = _value_text(value)
+        else:
+            refused.append(f"pilot_config.environment.{name}: {problem}")
+    if refused:
+        raise PilotEnvError("; ".join(refused))
+    overridden = sorted(n for n, v in site.values.items() if env.get(n, v) != v)
+    if overridden:
+        # Values are not logged: they may be secrets.
+        log.warning(
+            "site pilot settings override the user's",
+            taskforce_uuid=tf.taskforce_uuid,
+            names=overridden,
+        )
+    return env
+
+
 def pilot_environment(
-    start: task_manager_service_pb2.StartTaskforce, defaults: Mapping[str, str] = {}
+    start: task_manager_service_pb2.StartTaskforce, site: SiteEnv = SiteEnv()
 ) -> dict[str, str]:
     """The complete pilot environment of a start command, except the per-worker
     ``EWMS_PILOT_WORKER_ID``."""
     tf, td = start.taskforce, start.task_directive
-    env = dict(defaults)
-    for name, value in tf.pilot_config.environment.items():
-        env[name] = _value_text(value)
+    env = _users_environment(tf, site)
+    env.update(site.values)
     decided: dict[str, str] = {}
     if td.task_image:
         decided["EWMS_PILOT_TASK_IMAGE"] = td.task_image
@@ -134,7 +223,7 @@ def _size(value: struct_pb2.Value) -> int:
 
 
 def submit_spec(
-    start: task_manager_service_pb2.StartTaskforce, defaults: Mapping[str, str] = {}
+    start: task_manager_service_pb2.StartTaskforce, site: SiteEnv = SiteEnv()
 ) -> SubmitSpec:
     """The scheduler's view of a start command."""
     tf = start.taskforce
@@ -142,7 +231,7 @@ def submit_spec(
     return SubmitSpec(
         taskforce_uuid=tf.taskforce_uuid,
         n_workers=tf.n_workers,
-        environment=pilot_environment(start, defaults),
+        environment=pilot_environment(start, site),
         resources=WorkerResources(
             n_cores=wc.n_cores or 1,
             memory_bytes=_size(wc.worker_memory),

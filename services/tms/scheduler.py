@@ -83,8 +83,18 @@ class Submitted:
 
 
 @dataclass(frozen=True)
+class JobExit:
+    """How a worker's process ended: its exit code, or the signal that killed it (HTCondor's
+    JOB_TERMINATED event: ReturnValue, or TerminatedBySignal)."""
+
+    exit_code: int = 0
+    signal: int = 0
+
+
+@dataclass(frozen=True)
 class JobChange:
-    """One worker's new job state. ``time`` is when the scheduler recorded it (epoch seconds)."""
+    """One worker's new job state. ``time`` is when the scheduler recorded it (epoch seconds);
+    ``job_exit``, for a job that ended, how its process did, if the scheduler saw it."""
 
     taskforce_uuid: str
     cluster_id: int
@@ -92,6 +102,7 @@ class JobChange:
     state: JobState
     time: float
     hold_reason: str = ""
+    job_exit: JobExit | None = None
 
     @property
     def worker_id(self) -> str:

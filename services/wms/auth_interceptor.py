@@ -3,7 +3,10 @@ service. Health and reflection are open. The verified Principal is bound to the 
 servicers read it with ``services.auth.current_principal()``.
 
 It wraps the real handler's behaviour (same cardinality) and aborts from inside it, the pattern
-grpc.aio supports for every RPC kind.
+grpc.aio supports for every RPC kind. It also makes a request that is no valid protobuf message
+(corrupt wire bytes, invalid UTF-8 in a string) an INVALID_ARGUMENT naming the request, where grpc
+itself would answer UNKNOWN: the deserializer hands such a request on as ``Undecodable`` and the
+wrapped behaviour refuses it, after authorization.
 """
 
 from __future__ import annotations
@@ -15,8 +18,14 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from services.auth import Principal, Role, TokenAuthority, set_current_principal
-from services.errors import ApiError, PermissionDenied, Unauthenticated
+from services.auth import (
+    Principal,
+    Role,
+    TokenAuthority,
+    require_scope,
+    set_current_principal,
+)
+from services.errors import ApiError, InvalidArgument, PermissionDenied, Unauthenticated
 
 OPEN_SERVICES = frozenset(
     {
@@ -90,13 +99,50 @@ async def authorize_call(
         raise PermissionDenied(
             f"role {principal.role.value!r} may not call {service} (allowed: {allowed})"
         )
+    require_scope(principal)
     return principal
 
 
+class Undecodable:
+    """A request whose bytes are no valid message, with the parser's complaint."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, returning ``Undecodable`` instead of raising."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or a UnicodeDecodeError in a string
+            return Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+async def _refuse_undecodable(request: Any, context: Any) -> None:
+    if isinstance(request, Undecodable):
+        error = InvalidArgument([("request", f"is not a valid protobuf message ({request.error})")])
+        await context.abort_with_status(rpc_status.to_status(error.to_status()))
+
+
+async def _decoded(request_iterator: Any, context: Any) -> Any:
+    """The stream's requests, ending the call at the first undecodable one."""
+    async for request in request_iterator:
+        await _refuse_undecodable(request, context)
+        yield request
+
+
 def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMethodHandler:
-    """The same handler, with ``authorize`` run first inside each call."""
+    """The same handler, with ``authorize`` run first inside each call and undecodable requests
+    refused."""
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
@@ -104,6 +150,7 @@ def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMetho
 
         async def unary_unary(request: Any, context: Any) -> Any:
             await authorize(context)
+            await _refuse_undecodable(request, context)
             return await uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
@@ -112,7 +159,7 @@ def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMetho
 
         async def stream_unary(request_iterator: Any, context: Any) -> Any:
             await authorize(context)
-            return await su(request_iterator, context)
+            return await su(_decoded(request_iterator, context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
     if handler.unary_stream:
@@ -120,6 +167,7 @@ def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMetho
 
         async def unary_stream(request: Any, context: Any) -> Any:
             await authorize(context)
+            await _refuse_undecodable(request, context)
             async for item in _responses(us(request, context)):
                 yield item
 
@@ -128,7 +176,7 @@ def _wrap(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMetho
 
     async def stream_stream(request_iterator: Any, context: Any) -> Any:
         await authorize(context)
-        async for item in _responses(ss(request_iterator, context)):
+        async for item in _responses(ss(_decoded(request_iterator, context), context)):
             yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)

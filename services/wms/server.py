@@ -126,13 +126,20 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
                 settings, metrics.events("rabbitmq")
             )
         queues = QueueManager(
-            store, brokers, BACKENDS[settings.queue_backend], settings.queue_retention_seconds
+            store,
+            brokers,
+            BACKENDS[settings.queue_backend],
+            settings.queue_retention_seconds,
+            credential_grace_seconds=settings.queue_credential_grace_seconds,
         )
         limit = settings.max_event_bytes + MESSAGE_OVERHEAD
         options = [
             *SERVER_OPTIONS,
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # The port is ours alone: with gRPC's default SO_REUSEPORT a second WMS binds it too
+            # and the kernel splits new connections between the two.
+            ("grpc.so_reuseport", 0),
         ]
         # Metrics outermost: calls refused by authentication are counted too.
         interceptors = [RequestMetricsInterceptor(metrics), AuthInterceptor(authority)]
@@ -165,9 +172,7 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
         enable_reflection(
             [*SERVING_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name], server
         )
-        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-        if port == 0:
-            raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
+        port = bind_port(server, settings.grpc_host, settings.grpc_port)
         workflows.queue_address = (
             public_amqp_address(settings.rabbitmq_url)
             if settings.queue_backend == "rabbitmq"
@@ -221,6 +226,24 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     return RunningWms(
         server, store, port, authority, health_servicer, queues, pilots, dispatcher, hub, http
     )
+
+
+class PortInUse(OSError):
+    """The WMS's gRPC address cannot be bound (another process, likely another WMS, has it)."""
+
+
+def bind_port(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind ``host:port`` exclusively; PortInUse naming the address otherwise."""
+    try:
+        bound = int(server.add_insecure_port(f"{host}:{port}"))
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        bound = 0
+    if bound == 0:
+        raise PortInUse(
+            f"cannot listen on {host}:{port}: the address is in use (another WMS?) or not "
+            "local; choose another with --port/EWMS_GRPC_PORT or stop the other process"
+        )
+    return bound
 
 
 def public_address(host: str, port: int) -> str:

@@ -7,16 +7,18 @@ Field paths use the request's JSON names: ``tasks[0].worker_config.worker_disk``
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Iterable
 
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from ewms.v1 import taskforce_pb2, workflow_service_pb2
 from services.config import ClusterLocations
-from services.errors import InvalidArgument
+from services.env_rules import pilot_env_problem
+from services.errors import InvalidArgument, quoted
 from services.events.client import DEFAULT_MAX_ATTEMPTS
+from services.shell_words import split_problem
 from services.sizes import parse_size
+from services.wms import limits
 
 DEFAULT_WORKFLOW_PRIORITY = 50
 MAX_WORKFLOW_PRIORITY = 100
@@ -70,7 +72,9 @@ def validate_create_workflow(
     req: workflow_service_pb2.CreateWorkflowRequest, locations: ClusterLocations
 ) -> workflow_service_pb2.CreateWorkflowRequest:
     """Check a workflow request; return a normalized copy (defaults filled, locations canonical,
-    sizes in bytes) or raise InvalidArgument listing every violation."""
+    sizes in bytes) or raise InvalidArgument listing every violation. Fields over their limits
+    (limits.py) are refused first, alone: no other rule runs on oversized input."""
+    limits.check(req)
     out = workflow_service_pb2.CreateWorkflowRequest()
     out.CopyFrom(req)
     v = Violations()
@@ -92,7 +96,7 @@ def validate_create_workflow(
             if first[0] != task.max_attempts:
                 v.add(
                     f"tasks[{i}].max_attempts",
-                    f"input queue {alias!r} is also consumed by tasks[{first[1]}] with "
+                    f"input queue {quoted(alias)} is also consumed by tasks[{first[1]}] with "
                     f"max_attempts {first[0]}; tasks sharing an input queue must agree",
                 )
 
@@ -101,7 +105,7 @@ def validate_create_workflow(
         if alias and alias not in used_aliases:
             v.add(
                 f"public_queue_aliases[{j}]",
-                f"alias {alias!r} is not an input or output queue alias of any task",
+                f"alias {quoted(alias)} is not an input or output queue alias of any task",
             )
     v.raise_if_any("workflow request")
     return out
@@ -119,10 +123,13 @@ def _validate_task(
         if resolved is None:
             v.add(
                 f"{path}.cluster_locations[{j}]",
-                f"unknown cluster location {name!r}; known: {locations.describe()}",
+                f"unknown cluster location {quoted(name)}; known: {locations.describe()}",
             )
         elif resolved in canonical:
-            v.add(f"{path}.cluster_locations[{j}]", f"duplicate location {name!r} (= {resolved!r})")
+            v.add(
+                f"{path}.cluster_locations[{j}]",
+                f"duplicate location {quoted(name)} (= {resolved!r})",
+            )
         else:
             canonical.append(resolved)
     del task.cluster_locations[:]
@@ -135,10 +142,8 @@ def _validate_task(
             "required when task_image is empty: the command to run for each event",
         )
     for field in ("task_args", "init_args"):
-        try:
-            shlex.split(getattr(task, field))
-        except ValueError as exc:
-            v.add(f"{path}.{field}", f"cannot be split into arguments: {exc}")
+        if problem := split_problem(getattr(task, field)):
+            v.add(f"{path}.{field}", f"cannot be split into arguments: {problem}")
     for field in ("task_env", "init_env"):
         for name in getattr(task, field):
             if not ENV_NAME.match(name):
@@ -155,8 +160,8 @@ def _validate_task(
 
     if not task.HasField("n_workers"):
         task.n_workers = DEFAULT_N_WORKERS
-    elif task.n_workers < 1:
-        v.add(f"{path}.n_workers", f"must be at least 1 (got {task.n_workers})")
+    elif not 1 <= task.n_workers <= limits.MAX_N_WORKERS:
+        v.add(f"{path}.n_workers", n_workers_rule(task.n_workers))
     if not task.HasField("max_attempts"):
         task.max_attempts = DEFAULT_MAX_ATTEMPTS
     elif not 1 <= task.max_attempts <= MAX_ATTEMPTS_LIMIT:
@@ -172,10 +177,10 @@ def _check_unique_aliases(path: str, aliases: Iterable[str], v: Violations) -> N
         if not QUEUE_ALIAS.match(alias):
             v.add(
                 f"{path}[{j}]",
-                f"queue alias {alias!r} must match {QUEUE_ALIAS.pattern}",
+                f"queue alias {quoted(alias)} must match {QUEUE_ALIAS.pattern}",
             )
         elif alias in seen:
-            v.add(f"{path}[{j}]", f"duplicate alias {alias!r}")
+            v.add(f"{path}[{j}]", f"duplicate alias {quoted(alias)}")
         seen.add(alias)
 
 
@@ -185,7 +190,8 @@ def _validate_pilot_config(path: str, pc: taskforce_pb2.PilotConfig, v: Violatio
     elif not PILOT_TAG.match(pc.tag):
         v.add(
             f"{path}.tag",
-            f"{pc.tag!r} is not an immutable pilot tag ('X.Y.Z', 'latest' or '<name>-<suffix>')",
+            f"{quoted(pc.tag)} is not an immutable pilot tag ('X.Y.Z', 'latest' or "
+            "'<name>-<suffix>')",
         )
     if not pc.image_source:
         pc.image_source = "auto"
@@ -197,8 +203,13 @@ def _validate_pilot_config(path: str, pc: taskforce_pb2.PilotConfig, v: Violatio
             v.add(field, f"reserved: set the task's {RESERVED_PILOT_ENV[name]} field instead")
         elif not ENV_NAME.match(name):
             v.add(field, f"variable name must match {ENV_NAME.pattern}")
+        elif problem := pilot_env_problem(name):
+            v.add(field, problem)
         if not _is_env_value(value):
-            v.add(field, "value must be a string, an integer or a list of strings")
+            v.add(
+                field,
+                "value must be a string, an integer of at most ±2^53 or a list of strings",
+            )
     _check_unique_paths(f"{path}.input_files", pc.input_files, v)
 
 
@@ -207,7 +218,8 @@ def _is_env_value(value: struct_pb2.Value) -> bool:
     if kind == "string_value":
         return True
     if kind == "number_value":
-        return value.number_value == int(value.number_value)
+        number = value.number_value  # inf and NaN are not integers
+        return number.is_integer() and abs(number) <= limits.MAX_ENV_NUMBER
     if kind == "list_value":
         return all(item.WhichOneof("kind") == "string_value" for item in value.list_value.values)
     return False
@@ -219,7 +231,7 @@ def _check_unique_paths(path: str, files: Iterable[str], v: Violations) -> None:
         if not name.strip():
             v.add(f"{path}[{j}]", "must not be empty")
         elif name in seen:
-            v.add(f"{path}[{j}]", f"duplicate path {name!r}")
+            v.add(f"{path}[{j}]", f"duplicate path {quoted(name)}")
         seen.add(name)
 
 
@@ -254,5 +266,31 @@ def _validate_worker_config(path: str, wc: taskforce_pb2.WorkerConfig, v: Violat
         except ValueError as exc:
             v.add(f"{path}.{field}", str(exc))
             continue
+        if size > limits.MAX_SIZE_BYTES:
+            v.add(
+                f"{path}.{field}",
+                f"at most {limits.MAX_SIZE_BYTES:,} bytes (1 PiB) (got {_size_shown(value)})",
+            )
+            continue
         getattr(wc, f"{field}_as_sent").CopyFrom(value)  # kept for the original dialect
         value.number_value = size
+
+
+def _size_shown(value: struct_pb2.Value) -> str:
+    if value.WhichOneof("kind") == "string_value":
+        return quoted(value.string_value)
+    return f"{value.number_value:g}"
+
+
+def n_workers_rule(n_workers: int) -> str:
+    """The violation of an n_workers outside 1 to limits.MAX_N_WORKERS."""
+    if n_workers < 1:
+        return f"must be at least 1 (got {n_workers:,})"
+    return f"must be at most {limits.MAX_N_WORKERS:,} per taskforce (got {n_workers:,})"
+
+
+def check_timestamp(v: Violations, field: str, ts: timestamp_pb2.Timestamp) -> None:
+    """Add a violation if ``ts`` is outside google.protobuf.Timestamp's valid range, which every
+    conversion of it (to seconds, to JSON) would otherwise fail on later, as an internal error."""
+    if problem := limits.timestamp_problem(ts):
+        v.add(field, problem)

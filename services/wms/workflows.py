@@ -25,8 +25,10 @@ from services.errors import (
     PermissionDenied,
     Unimplemented,
     grpc_errors,
+    quoted,
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS
+from services.wms import limits
 from services.wms.control.phases import log_phase, now_ts
 from services.wms.control.pilots import PilotRegistry, deactivation_command
 from services.wms.control.tms import Dispatcher
@@ -45,6 +47,7 @@ from services.wms.store import (
 )
 from services.wms.validation import (
     MAX_WORKFLOW_PRIORITY,
+    n_workers_rule,
     require_fields,
     validate_create_workflow,
 )
@@ -213,8 +216,13 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self, request: workflow_service_pb2.CreateWorkflowRequest, context: Ctx
     ) -> workflow_service_pb2.CreateWorkflowResponse:
         principal = current_principal()
-        req = validate_create_workflow(request, self._locations)
-        resp = build_workflow(
+        size = request.ByteSize()
+        req = await limits.off_loop_if_large(
+            size, validate_create_workflow, request, self._locations
+        )
+        resp = await limits.off_loop_if_large(
+            size,
+            build_workflow,
             req,
             owner=principal.subject,
             when=now_ts(),
@@ -243,6 +251,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def GetWorkflow(
         self, request: workflow_service_pb2.GetWorkflowRequest, context: Ctx
     ) -> workflow_pb2.Workflow:
+        limits.check(request)
         require_fields(workflow_id=request.workflow_id)
         owner = _owner_filter(current_principal())
         wf = await self._store.run(
@@ -256,6 +265,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def ListWorkflows(
         self, request: workflow_service_pb2.ListWorkflowsRequest, context: Ctx
     ) -> workflow_service_pb2.ListWorkflowsResponse:
+        limits.check(request)
         principal = current_principal()
         owner = request.owner
         if not principal.is_admin:
@@ -280,12 +290,14 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def AbortWorkflow(
         self, request: workflow_service_pb2.AbortWorkflowRequest, context: Ctx
     ) -> workflow_service_pb2.DeactivateWorkflowResponse:
+        limits.check(request)
         return await self._deactivate(request.workflow_id, workflow_pb2.DEACTIVATION_ABORTED)
 
     @grpc_errors
     async def FinishWorkflow(
         self, request: workflow_service_pb2.FinishWorkflowRequest, context: Ctx
     ) -> workflow_service_pb2.DeactivateWorkflowResponse:
+        limits.check(request)
         return await self._deactivate(request.workflow_id, workflow_pb2.DEACTIVATION_FINISHED)
 
     async def _deactivate(
@@ -320,6 +332,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def WatchWorkflow(
         self, request: workflow_service_pb2.WatchWorkflowRequest, context: Ctx
     ) -> Any:
+        limits.check(request)
         require_fields(workflow_id=request.workflow_id)
         if self._hub is None:
             raise Unimplemented("this WMS has no watch hub")
@@ -331,6 +344,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def GetTaskDirective(
         self, request: workflow_service_pb2.GetTaskDirectiveRequest, context: Ctx
     ) -> workflow_pb2.TaskDirective:
+        limits.check(request)
         require_fields(task_id=request.task_id)
         owner = _owner_filter(current_principal())
         td = await self._store.run(
@@ -344,6 +358,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def ListTaskDirectives(
         self, request: workflow_service_pb2.ListTaskDirectivesRequest, context: Ctx
     ) -> workflow_service_pb2.ListTaskDirectivesResponse:
+        limits.check(request)
         conditions = self._visible(current_principal(), workflow_id=request.workflow_id)
         items, token = await self._page(
             TASK_DIRECTIVES, conditions, request.page_size, request.page_token
@@ -356,6 +371,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def AddWorkers(
         self, request: workflow_service_pb2.AddWorkersRequest, context: Ctx
     ) -> taskforce_pb2.Taskforce:
+        limits.check(request)
         violations: list[tuple[str, str]] = []
         if not request.task_id:
             violations.append(("task_id", "required"))
@@ -366,12 +382,12 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
             violations.append(
                 (
                     "cluster_location",
-                    f"unknown cluster location {request.cluster_location!r}; "
+                    f"unknown cluster location {quoted(request.cluster_location)}; "
                     f"known: {self._locations.describe()}",
                 )
             )
-        if request.n_workers < 1:
-            violations.append(("n_workers", f"must be at least 1 (got {request.n_workers})"))
+        if not 1 <= request.n_workers <= limits.MAX_N_WORKERS:
+            violations.append(("n_workers", n_workers_rule(request.n_workers)))
         if violations:
             raise InvalidArgument(violations)
         assert location is not None
@@ -437,6 +453,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def GetTaskforce(
         self, request: workflow_service_pb2.GetTaskforceRequest, context: Ctx
     ) -> taskforce_pb2.Taskforce:
+        limits.check(request)
         require_fields(taskforce_uuid=request.taskforce_uuid)
         owner = _owner_filter(current_principal())
         tf = await self._store.run(
@@ -450,6 +467,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def ListTaskforces(
         self, request: workflow_service_pb2.ListTaskforcesRequest, context: Ctx
     ) -> workflow_service_pb2.ListTaskforcesResponse:
+        limits.check(request)
         location = ""
         if request.cluster_location:
             resolved = self._locations.resolve(request.cluster_location)
@@ -458,7 +476,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
                     [
                         (
                             "cluster_location",
-                            f"unknown cluster location {request.cluster_location!r}; "
+                            f"unknown cluster location {quoted(request.cluster_location)}; "
                             f"known: {self._locations.describe()}",
                         )
                     ]
@@ -480,6 +498,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
     async def ListQueues(
         self, request: workflow_service_pb2.ListQueuesRequest, context: Ctx
     ) -> workflow_service_pb2.ListQueuesResponse:
+        limits.check(request)
         require_fields(workflow_id=request.workflow_id)
         owner = _owner_filter(current_principal())
 

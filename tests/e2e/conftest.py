@@ -92,9 +92,9 @@ class Cluster:
     def start_wms(self, port: int = 0) -> None:
         """Start the WMS (again, after a stop: on the same data directory; pass ``port`` to come
         back on the address the TMS and pilots know)."""
-        env = cli_env(
-            EWMS_QUEUE_BACKEND=self.backend, EWMS_CLUSTER_LOCATIONS="local", **self.wms_env
-        )
+        # ``wms_env`` may name other locations (the TMS serves "local").
+        defaults = {"EWMS_QUEUE_BACKEND": self.backend, "EWMS_CLUSTER_LOCATIONS": "local"}
+        env = cli_env(**{**defaults, **self.wms_env})
         log = self.root / "wms.log"
         start = log.stat().st_size if log.exists() else 0
         self.wms = Proc(

@@ -10,7 +10,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -462,33 +461,7 @@ async def test_unknown_queue_is_not_found(env: QueueEnv) -> None:
         await env.client().publish("Q-nope-00000000-00000000", make_events(1))
 
 
-async def test_other_users_and_other_taskforces_pilots_are_denied(env: QueueEnv) -> None:
-    queue_id = env.queue("in").queue_id
-    bobs = await env.create_workflow(env.bob_token)
-    bob_pilot = env.pilot_token(bobs)
-    alice_pilot = env.pilot_token(env.workflow)
-    calls: list[tuple[str, Any]] = [
-        ("Publish", event_service_pb2.PublishRequest(queue_id=queue_id, events=make_events(1))),
-        ("Receive", event_service_pb2.ReceiveRequest(queue_id=queue_id)),
-        ("Ack", event_service_pb2.AckRequest(queue_id=queue_id, ack_ids=["a"])),
-        ("GetQueueStats", event_service_pb2.GetQueueStatsRequest(queue_id=queue_id)),
-        ("ListDeadLetters", event_service_pb2.ListDeadLettersRequest(queue_id=queue_id)),
-        ("RedriveDeadLetters", event_service_pb2.RedriveDeadLettersRequest(queue_id=queue_id)),
-    ]
-    for token in (env.bob_token, bob_pilot):
-        for method, request in calls:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await getattr(env.events, method)(
-                    request, metadata=(("authorization", f"Bearer {token}"),)
-                )
-            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, method
-        with pytest.raises(QueueAccessDenied):
-            await env.client(token).subscribe(queue_id, 1)
-    # alice's own pilot may use her workflow's queues, and its events carry its taskforce.
-    pilot = env.client(alice_pilot)
-    await pilot.publish(env.queue("out").queue_id, make_events(1))
-    [delivery] = await receive(env, env.queue("out").queue_id, 1)
-    assert delivery.event.provenance.taskforce_uuid == env.workflow.taskforces[0].taskforce_uuid
+# Other users' and other taskforces' access: tests/reliability/test_security.py.
 
 
 # --- durability and retention ------------------------------------------------------------------

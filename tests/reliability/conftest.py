@@ -1,8 +1,9 @@
 """The reliability suite: fault injection, attacks and load against real processes.
 
-Every scenario records what it measured with the ``outcome`` fixture. The records are printed as a
-table at the end of the run (the README's "Reliability" table is copied from it) and written as
-JSON lines to ``$EWMS_RELIABILITY_REPORT`` when that is set.
+Every scenario records what it measured with the ``outcome`` fixture, as a JSON line appended to
+``$EWMS_RELIABILITY_REPORT`` (tests/conftest.py sets it for the run, so records from pytest-xdist's
+workers reach the controller). The records are printed as a table at the end of the run; the
+README's "Reliability" table is copied from it.
 """
 
 from __future__ import annotations
@@ -33,27 +34,6 @@ class Outcome:
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def cells(self) -> list[str]:
-        def show(v: object) -> str:
-            if v is None:
-                return "-"
-            return f"{v:.1f}" if isinstance(v, float) else str(v)
-
-        return [
-            self.scenario,
-            self.backend,
-            show(self.events_in),
-            show(self.events_out),
-            show(self.duplicates),
-            show(self.lost),
-            show(self.recovery_s),
-            self.detail,
-        ]
-
-
-_OUTCOMES: list[Outcome] = []
-HEADER = ["scenario", "backend", "in", "out", "dup", "lost", "recovery s", "detail"]
-
 
 @pytest.fixture
 def outcome() -> Callable[..., Outcome]:
@@ -62,21 +42,10 @@ def outcome() -> Callable[..., Outcome]:
 
     def record(scenario: str, backend: str = "-", **values: Any) -> Outcome:  # noqa: F811
         row = Outcome(scenario, backend, **values)
-        _OUTCOMES.append(row)
+        path = os.environ.get("EWMS_RELIABILITY_REPORT")
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(asdict(row)) + "\n")
         return row
 
     return record
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _OUTCOMES:
-        return
-    rows = [HEADER, *(o.cells() for o in _OUTCOMES)]
-    terminalreporter.section("reliability outcomes")
-    for row in rows:
-        terminalreporter.write_line("| " + " | ".join(row) + " |")
-    path = os.environ.get("EWMS_RELIABILITY_REPORT")
-    if path:
-        with open(path, "a") as fh:
-            for o in _OUTCOMES:
-                fh.write(json.dumps(asdict(o)) + "\n")

@@ -21,7 +21,15 @@ from services.auth import Role
 from services.tms.chirps import Chirp
 from services.tms.client import JobBook, TmsClient
 from services.tms.htcondor import HTCondorScheduler
-from services.tms.scheduler import COMPLETED, RUNNING, ClusterLeft, JobChange, PilotChirp
+from services.tms.scheduler import (
+    COMPLETED,
+    IDLE,
+    RUNNING,
+    ClusterLeft,
+    JobChange,
+    JobExit,
+    PilotChirp,
+)
 from services.wms import RunningWms
 from tests.conftest import bearer
 from tests.tms.test_htcondor import (
@@ -69,6 +77,17 @@ def test_the_job_book_sends_changes_then_everything_after_a_reconnect() -> None:
         ("7.1", COMPLETED),
     ]
     assert book.left == {"TF-a": 3.0}
+
+
+def test_the_job_book_sends_how_an_ended_job_exited_until_the_job_runs_again() -> None:
+    book = JobBook()
+    book.apply(JobChange("TF-a", 7, 0, COMPLETED, 1.0, job_exit=JobExit(signal=9)))
+    (worker,) = book.changes().taskforces[0].workers  # type: ignore[union-attr]
+    assert worker.job_exit == taskforce_pb2.JobExit(signal=9)
+    # A later state without an exit clears it: the book never sends a stale one.
+    book.apply(JobChange("TF-a", 7, 0, IDLE, 2.0))
+    (worker,) = book.full().taskforces[0].workers  # type: ignore[union-attr]
+    assert not worker.HasField("job_exit")
 
 
 def test_the_job_book_sends_each_workers_chirps_with_its_job_state() -> None:

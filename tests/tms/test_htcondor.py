@@ -44,6 +44,7 @@ from services.tms.scheduler import (
     SUSPENDED,
     ClusterLeft,
     JobChange,
+    JobExit,
     JobState,
     SchedulerError,
     SchedulerEvent,
@@ -299,13 +300,19 @@ def aborted(job: str, when: str) -> str:
     return ev(9, job, when, "Job was aborted.", "via condor_rm (by user ewms)")
 
 
-def terminated(job: str, when: str) -> str:
+def terminated(job: str, when: str, return_value: int = 0, signal: int = 0) -> str:
+    """A JOB_TERMINATED event: the job exited with ``return_value``, or ``signal`` killed it."""
+    how = (
+        [f"(0) Abnormal termination (signal {signal})", "(0) No core file"]
+        if signal
+        else [f"(1) Normal termination (return value {return_value})"]
+    )
     return ev(
         5,
         job,
         when,
         "Job terminated.",
-        "(1) Normal termination (return value 0)",
+        *how,
         "\tUsr 0 00:00:01, Sys 0 00:00:00  -  Run Remote Usage",
         "\tUsr 0 00:00:00, Sys 0 00:00:00  -  Run Local Usage",
         "\tUsr 0 00:00:01, Sys 0 00:00:00  -  Total Remote Usage",
@@ -378,7 +385,9 @@ def at(when: str) -> float:
     return datetime.fromisoformat(f"2026-11-21T{when}").timestamp()
 
 
-def change(job: str, state: JobState, when: str, hold_reason: str = "") -> JobChange:
+def change(
+    job: str, state: JobState, when: str, hold_reason: str = "", job_exit: JobExit | None = None
+) -> JobChange:
     cluster, proc = job.split(".")
     return JobChange(
         taskforce_uuid=UUID,
@@ -387,6 +396,7 @@ def change(job: str, state: JobState, when: str, hold_reason: str = "") -> JobCh
         state=state,
         time=at(when),
         hold_reason=hold_reason,
+        job_exit=job_exit,
     )
 
 
@@ -456,7 +466,7 @@ async def test_events_become_job_states_in_order(
         change("123.1", SUSPENDED, "10:08:00"),
         change("123.1", IDLE, "10:09:00"),
         change("123.1", IDLE, "10:10:00"),
-        change("123.0", COMPLETED, "10:11:00"),
+        change("123.0", COMPLETED, "10:11:00", job_exit=JobExit()),
     ]
 
 
@@ -539,12 +549,30 @@ async def test_a_cluster_whose_every_job_ended_has_left_once(
     await scheduler.adopt([cluster(123, jel), cluster(124, jel, n_workers=1, uuid="other")])
     events = await take(scheduler, 6)
     assert events[2:] == [
-        change("123.0", COMPLETED, "10:01:00"),
+        change("123.0", COMPLETED, "10:01:00", job_exit=JobExit()),
         change("123.1", REMOVED, "10:02:00"),
         ClusterLeft(taskforce_uuid=UUID, cluster_id=123, time=at("10:02:00")),
         replace(change("124.0", IDLE, "10:04:00"), taskforce_uuid="other"),
     ]
     assert scheduler.job_event_log_in_use(jel)  # cluster 124 is still on it
+
+
+async def test_a_job_killed_by_a_signal_completes_with_the_signal_as_its_exit(
+    scheduler: HTCondorScheduler, tmp_path: Path
+) -> None:
+    jel = tmp_path / "2026-11-21.tms.jel"
+    jel.write_text(
+        submitted("123.0", "10:00:00")
+        + submitted("123.1", "10:00:00")
+        + terminated("123.0", "10:01:00", signal=9)
+        + terminated("123.1", "10:02:00", return_value=3)
+    )
+    await scheduler.adopt([cluster(123, jel)])
+    events = await take(scheduler, 5)
+    assert events[2:4] == [
+        change("123.0", COMPLETED, "10:01:00", job_exit=JobExit(signal=9)),
+        change("123.1", COMPLETED, "10:02:00", job_exit=JobExit(exit_code=3)),
+    ]
 
 
 async def test_a_restarted_scheduler_reads_adopted_logs_from_the_top(tmp_path: Path) -> None:

@@ -7,17 +7,21 @@ that appends each chirp to the log as the ``GENERIC`` event HTChirp's ``ulog`` m
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from ewms.v1 import taskforce_pb2
 from services.pilot.chirp import Chirper
 from services.tms.chirps import Chirp, chirp_value, parse_chirp
 from services.tms.hold_reasons import HOLD_CODES, hold_message
 from services.tms.htcondor import HTCondorScheduler
-from services.tms.job_event_log import JelReader
+from services.tms.job_event_log import EVENT_HEADER, JelReader, LogEvent
 from services.tms.scheduler import IDLE, RUNNING, PilotChirp
 from tests.tms.test_htcondor import (
     CORRUPT,
@@ -29,8 +33,10 @@ from tests.tms.test_htcondor import (
     cluster,
     executing,
     generic,
+    held,
     submitted,
     take,
+    terminated,
 )
 
 PILOT = "HTChirpEWMSPilot"
@@ -212,3 +218,179 @@ def test_a_subcode_with_no_meaning_is_shown_as_a_number() -> None:
 def test_the_original_tms_key_is_held_then_the_message() -> None:
     # What the original's compound statuses are keyed by, as ``ewms watch`` prints a held worker.
     assert f"HELD: {hold_message(34, 0)}" == "HELD: Memory usage exceeds a memory limit"
+
+
+# --- bad text in the log -------------------------------------------------------------------------
+
+GOOD = [
+    submitted("123.0", "10:00:00"),
+    executing("123.0", "10:01:00"),
+    held("123.0", "10:02:00", "Error from slot1@ep: memory", 34),
+    generic("123.0", "10:03:00", f'{PILOT}Status: "Tasking"'),
+    terminated("123.0", "10:04:00"),
+    submitted("124.1", "10:05:00"),
+]
+# An event cut off before its "..." line (the schedd died writing it, or the disk filled up).
+TRUNCATED = "005 (123.000.000) 2026-11-21 10:01:30 Job terminated.\n\t(1) Normal termination\n"
+
+
+def jobs(events: list[LogEvent]) -> list[tuple[int, int, int, float]]:
+    return [(e.type, e.cluster, e.proc, e.time) for e in events]
+
+
+def read_all(reader: JelReader) -> list[LogEvent]:
+    """Everything the reader hands out until it has nothing more (a few polls' worth)."""
+    out: list[LogEvent] = []
+    while batch := reader.read():
+        out += batch
+    return out
+
+
+def expected(*texts: str) -> list[tuple[int, int, int, float]]:
+    """The events of well-formed ``texts``, as a reader of nothing else hands them out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clean.jel"
+        path.write_text("".join(texts))
+        reader = JelReader(path)
+        try:
+            return jobs(read_all(reader))
+        finally:
+            reader.close()
+
+
+@pytest.fixture
+def reader(tmp_path: Path) -> Iterator[JelReader]:
+    r = JelReader(tmp_path / "x.jel")
+    yield r
+    r.close()
+
+
+def test_lines_of_garbage_are_logged_and_the_events_after_them_read_at_once(
+    reader: JelReader,
+) -> None:
+    garbage = b"\x00\xff\xfe binary \x01\nnot an event either\n"
+    reader.path.write_bytes(GOOD[0].encode() + garbage + GOOD[1].encode() + GOOD[2].encode())
+
+    with capture_logs() as logs:
+        got = reader.read()
+
+    assert jobs(got) == expected(*GOOD[:3])
+    skipped = [e for e in logs if e["event"] == "job event log text that is no event skipped"]
+    assert [(e["offset"], e["text"]) for e in skipped] == [
+        (len(GOOD[0]), "\x00\ufffd\ufffd binary \x01\n"),
+        (len(GOOD[0]) + 13, "not an event either\n"),
+    ]
+
+
+def test_an_event_cut_off_is_logged_and_the_event_it_swallowed_is_read(reader: JelReader) -> None:
+    reader.path.write_text(GOOD[0] + TRUNCATED + TRUNCATED + GOOD[1] + GOOD[2])
+
+    with capture_logs() as logs:
+        got = read_all(reader)
+
+    assert jobs(got) == expected(*GOOD[:3])
+    corrupt = [e for e in logs if e["event"] == "corrupt job event skipped"]
+    assert [(e["offset"], e["text"], e["error"]) for e in corrupt] == [
+        (len(GOOD[0]), TRUNCATED, "ULOG_RD_ERROR"),
+        (len(GOOD[0]) + len(TRUNCATED), TRUNCATED, "ULOG_RD_ERROR"),
+    ]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_an_event_being_written_is_read_once_complete_and_not_logged(
+    reader: JelReader, cut: int
+) -> None:
+    # HTCondor's reader takes the first bytes of a header for garbage, and the event with them.
+    reader.path.write_text(GOOD[0] + GOOD[1][:cut])
+    with capture_logs() as logs:
+        first = read_all(reader)
+        with reader.path.open("a") as f:
+            f.write(GOOD[1][cut:] + GOOD[2])
+        then = read_all(reader)
+
+    assert jobs(first) == expected(GOOD[0])
+    assert jobs(then) == expected(GOOD[1], GOOD[2])
+    assert [e for e in logs if e["log_level"] == "warning"] == []
+
+
+async def test_the_scheduler_follows_a_log_with_bad_text_and_other_clusters(
+    scheduler: HTCondorScheduler, tmp_path: Path
+) -> None:
+    jel = tmp_path / "2026-11-21.tms.jel"
+    jel.write_bytes(
+        submitted("123.0", "10:00:00").encode()
+        + b"\x89PNG\r\n\x1a\n\x00\x00\n"
+        + TRUNCATED.encode()
+        + executing("123.1", "10:00:30").encode()  # swallowed by the truncated event
+        + executing("999.0", "10:00:40").encode()  # not ours
+        + CORRUPT.encode()
+        + executing("123.0", "10:01:00").encode()
+    )
+    await scheduler.adopt([cluster(123, jel)])
+    assert await take(scheduler, 3) == [
+        change("123.0", IDLE, "10:00:00"),
+        change("123.1", RUNNING, "10:00:30"),
+        change("123.0", RUNNING, "10:01:00"),
+    ]
+
+
+def test_a_log_whose_first_line_is_garbage_is_reported_unreadable_once(
+    reader: JelReader,
+) -> None:
+    # HTCondor tells a log's format from its first character: it reads none of this log.
+    reader.path.write_bytes(b"\x00\x00\x00\n" + GOOD[0].encode() + GOOD[1].encode())
+
+    with capture_logs() as logs:
+        got = [*reader.read(), *reader.read()]
+
+    assert got == []
+    assert [(e["log_level"], e["text"]) for e in logs] == [("error", "\x00\x00\x00\n")]
+
+
+def garbage_line() -> st.SearchStrategy[str]:
+    """A line that is no event (nor its header): bytes as text, newline-free."""
+    return (
+        st.binary(max_size=40)
+        .map(lambda b: b.replace(b"\n", b" ").decode("latin-1") + "\n")
+        .filter(lambda line: EVENT_HEADER.match(line.encode("latin-1")) is None)
+    )
+
+
+# From a good event on (see the test above); no cut-off events: HTCondor's reader takes a second
+# over each (the tests above have them).
+PIECES = st.tuples(
+    st.sampled_from(range(len(GOOD))),
+    st.lists(st.one_of(st.sampled_from(range(len(GOOD))), garbage_line()), max_size=11),
+).map(lambda first_rest: [first_rest[0], *first_rest[1]])
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(pieces=PIECES, cuts=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3)), max_size=3))
+def test_every_good_event_is_read_once_in_order_whatever_surrounds_it(
+    tmp_path: Path, pieces: list[int | str], cuts: list[tuple[int, int]]
+) -> None:
+    # Written in parts, read after each: the good events come out in order, each once; nothing
+    # raises. Parts end at the first bytes of a piece (a reader may see the schedd's writes half
+    # done); other cuts cost HTCondor's reader a second each (the tests above have them).
+    texts = [(GOOD[p] if isinstance(p, int) else p).encode("latin-1") for p in pieces]
+    starts = [sum(map(len, texts[:i])) for i in range(len(texts))]
+    text = b"".join(texts)
+    ends = sorted(min(starts[i % len(starts)] + k, len(text)) for i, k in cuts)
+    path = tmp_path / f"{abs(hash((tuple(pieces), tuple(cuts))))}.jel"
+    path.write_bytes(b"")
+    reader = JelReader(path)
+    got: list[LogEvent] = []
+    try:
+        for start, end in zip([0, *ends], [*ends, len(text)], strict=True):
+            with path.open("ab") as f:
+                f.write(text[start:end])
+            got += read_all(reader)
+    finally:
+        reader.close()
+    assert jobs(got) == expected(*(GOOD[p] for p in pieces if isinstance(p, int)))

@@ -33,6 +33,7 @@ from services.tms.scheduler import (
     RUNNING,
     ClusterLeft,
     JobChange,
+    JobExit,
     JobState,
     SchedulerError,
     SchedulerEvent,
@@ -659,3 +660,34 @@ async def test_a_torn_last_record_is_dropped_and_a_corrupt_one_refused(
         f.write("not json\n")
     with pytest.raises(SchedulerError, match=f"{LOG_NAME}:\\d+: not a JSON record"):
         LocalScheduler(state_dir, command=script("pass"))
+
+
+# --- how workers ended ---------------------------------------------------------------------------
+
+
+async def test_a_worker_killed_by_a_signal_completes_with_the_signal_as_its_exit(
+    make: Callable[..., LocalScheduler], shared: Path
+) -> None:
+    # As HTCondor's JOB_TERMINATED event: "Abnormal termination (signal 9)", not a plain end.
+    scheduler = make(script(WAIT_FOR_GO), slots=2)
+    rec = Recorder(scheduler)
+    await scheduler.submit(spec(n_workers=2, env={"TEST_SHARED": str(shared), "TEST_EXIT": "3"}))
+    await wait_until(lambda: (shared / "started-1.0").exists(), "worker 1.0's start")
+    os.kill(int((shared / "started-1.0").read_text()), signal.SIGKILL)
+    await rec.reaches(1, 0, COMPLETED)
+    (shared / "go-1.1").touch()
+    await rec.until(lambda: rec.left(1), "cluster 1 leaving")
+    assert rec.changes(1, 0)[-1].job_exit == JobExit(signal=signal.SIGKILL)
+    assert rec.changes(1, 1)[-1].job_exit == JobExit(exit_code=3)
+    assert all(c.job_exit is None for c in rec.changes(1, 0)[:-1])  # only once it ended
+    await scheduler.close()
+
+    # A restarted TMS sends the same ends again (its full snapshot after a reconnect).
+    replayed = make(script(WAIT_FOR_GO))
+    again = Recorder(replayed)
+    await replayed.adopt([])
+    await again.until(lambda: again.left(1), "cluster 1's end")
+    assert [c.job_exit for c in again.changes(1, 0) + again.changes(1, 1)] == [
+        JobExit(signal=signal.SIGKILL),
+        JobExit(exit_code=3),
+    ]

@@ -20,7 +20,13 @@ from ewms.v1 import (
 from services.auth import Role
 from services.errors import field_violations
 from services.wms import RunningWms, start_wms
-from services.wms.control.pilots import RECENT_TASK_EVENTS, ChangeKind, PilotChange, PilotState
+from services.wms.control.pilots import (
+    MAX_COUNTER,
+    RECENT_TASK_EVENTS,
+    ChangeKind,
+    PilotChange,
+    PilotState,
+)
 from tests.conftest import bearer, wms_settings
 from tests.wms.helpers import PilotStream, eventually
 from tests.wms.requests import minimal_task, workflow_request
@@ -203,6 +209,72 @@ async def test_an_empty_batch_of_task_events_is_invalid_argument(
     err = await stream.failure()
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_violations(err) == [("task_events.events", "must not be empty")]
+
+
+async def test_a_huge_batch_of_invalid_events_is_invalid_argument_listing_the_first(
+    connect: Connect, taskforce_uuid: str
+) -> None:
+    # Every violation listed would take megabytes of trailers: the pilot would see
+    # RESOURCE_EXHAUSTED instead of what is wrong.
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+
+    events = [ps.TaskLifecycleEvent(event_id=f"EV-{i}") for i in range(50_000)]
+    await stream.send(task_events=ps.TaskLifecycleEvents(events=events))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.details() or "").startswith("invalid request: 50000 problems (the first ")
+    listed = field_violations(err)
+    assert 0 < len(listed) < 30
+    kind_rule = "must be STARTED, FINISHED or FAILED (got 0)"
+    assert listed[0] == ("task_events.events[0].kind", kind_rule)
+
+
+async def test_a_hello_claiming_a_megabyte_long_taskforce_is_still_permission_denied(
+    connect: Connect, taskforce_uuid: str
+) -> None:
+    stream = connect(taskforce_uuid)
+
+    await stream.send(hello=ps.PilotHello(taskforce_uuid="TF-" + "x" * 1_000_000, worker_id="1.0"))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert len(err.details() or "") <= 512
+
+
+@pytest.mark.parametrize("name", ["events_received", "tasks_succeeded", "tasks_failed"])
+async def test_a_counter_no_pilot_reaches_is_invalid_argument(
+    connect: Connect, taskforce_uuid: str, name: str
+) -> None:
+    # Two pilots at 2**63 - 1 made the taskforce's roll-up overflow: every later write-behind of
+    # every pilot failed with it.
+    stream = connect(taskforce_uuid)
+    await stream.hello(taskforce_uuid)
+
+    counters = taskforce_pb2.TaskCounters(**{name: 2**63 - 1})
+    await stream.send(status=ps.PilotStatus(phase=Phase.PILOT_PHASE_TASKING, counters=counters))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err) == [
+        (f"status.counters.{name}", f"must be 0 to {MAX_COUNTER} (got {2**63 - 1})")
+    ]
+
+
+async def test_counters_at_their_bound_roll_up_and_are_stored(
+    workflows: Stub, alice: Metadata, connect: Connect, taskforce_uuid: str
+) -> None:
+    for worker in ("1.0", "1.1"):
+        stream = connect(taskforce_uuid)
+        await stream.hello(taskforce_uuid, worker_id=worker)
+        await stream.status(Phase.PILOT_PHASE_TASKING, events_received=MAX_COUNTER)
+
+    async def stored() -> bool:
+        tf = await stored_taskforce(workflows, alice, taskforce_uuid)
+        return tf.counters.events_received == 2 * MAX_COUNTER
+
+    await eventually(stored, "the summed counters stored")
 
 
 # --- Status and roll-up ---------------------------------------------------------------------------

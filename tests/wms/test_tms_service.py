@@ -22,6 +22,7 @@ from tests.wms.helpers import (
     RETRY_DELAY,
     Env,
     StartEnv,
+    TmsStream,
     compound,
     eventually,
     launched,
@@ -79,7 +80,7 @@ async def test_first_message_other_than_hello_is_invalid_argument(env: Env) -> N
 
 
 async def test_hello_at_an_unknown_location_is_invalid_argument(env: Env) -> None:
-    stream = env.tms(token=env.wms.authority.mint("tms", Role.TMS, 3600))
+    stream = env.tms(token=env.wms.authority.mint("tms", Role.TMS, 3600, scope="mars"))
 
     await stream.send(hello=tms.TmsHello(cluster_location="mars", scheduler="local"))
 
@@ -511,24 +512,66 @@ async def test_a_cluster_leaving_the_queue_by_itself_completes_the_taskforce(env
     ]
 
 
-async def test_confirmations_about_another_locations_taskforce_are_ignored(env: Env) -> None:
+def about(kind: str, uuid: str) -> dict[str, object]:
+    """A TMS message of ``kind`` about taskforce ``uuid`` (a snapshot: of its worker 8.0)."""
+    if kind == "snapshot":
+        return {kind: snapshot(uuid, ("8.0", Job.JOB_STATE_COMPLETED, ""), full=True)}
+    if kind == "submitted":
+        return {kind: tms.TaskforceSubmitted(taskforce_uuid=uuid, cluster_id=8, n_workers=1)}
+    return {kind: {"taskforce_uuid": uuid}}
+
+
+TASKFORCE_FIELDS = {
+    "submitted": "submitted.taskforce_uuid",
+    "submit_failed": "submit_failed.taskforce_uuid",
+    "removed": "removed.taskforce_uuid",
+    "remove_failed": "remove_failed.taskforce_uuid",
+    "completed": "completed.taskforce_uuid",
+    "snapshot": "snapshot.taskforces[0].taskforce_uuid",
+}
+
+
+@pytest.mark.parametrize("kind", TASKFORCE_FIELDS)
+async def test_a_message_about_another_locations_taskforce_is_invalid_argument(
+    env: Env, kind: str
+) -> None:
+    # A TMS only ever hears of its own location's taskforces: one that names another is broken
+    # (or talks to the wrong WMS) and is told so, not ignored.
     local = env.tms()
     await local.hello()
     osg = env.tms("osg")
     await osg.hello("osg", scheduler="htcondor")
     theirs, _ = await submitted_taskforce(env, osg, 8, location="osg")
-    mine, _ = await submitted_taskforce(env, local, 9)
     await env.deactivate("abort", theirs.workflow_id)
     theirs = await env.taskforce(theirs.taskforce_uuid)
     assert theirs.phase == Phase.TASKFORCE_PHASE_PENDING_STOPPER
 
-    for kind in ("removed", "completed", "submit_failed", "remove_failed"):
-        await local.send(**{kind: {"taskforce_uuid": theirs.taskforce_uuid}})
-    await local.send(completed=tms.TaskforceCompleted(taskforce_uuid=mine.taskforce_uuid))
-    # Applied in order: once the last is, so were the others.
-    await env.phase(mine.taskforce_uuid, Phase.TASKFORCE_PHASE_CONDOR_COMPLETE)
+    await local.send(**about(kind, theirs.taskforce_uuid))
 
+    err = await local.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = field_violations(err)
+    assert field == TASKFORCE_FIELDS[kind]
+    assert description == "a taskforce of 'osg', not of this TMS's 'local'"
     assert await env.taskforce(theirs.taskforce_uuid) == theirs
+    # Its own TMS's stream goes on.
+    assert (await osg.stop()).taskforce_uuid == theirs.taskforce_uuid
+    await osg.send(removed=tms.TaskforceRemoved(taskforce_uuid=theirs.taskforce_uuid))
+    await env.phase(theirs.taskforce_uuid, Phase.TASKFORCE_PHASE_CONDOR_RM)
+
+
+@pytest.mark.parametrize("kind", TASKFORCE_FIELDS)
+async def test_a_message_about_an_unknown_taskforce_is_invalid_argument(
+    env: Env, kind: str
+) -> None:
+    stream = env.tms()
+    await stream.hello()
+
+    await stream.send(**about(kind, "TF-0-0-0-0"))
+
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err) == [(TASKFORCE_FIELDS[kind], "no taskforce 'TF-0-0-0-0'")]
 
 
 async def test_remove_failure_is_logged_and_the_stop_sent_again_after_the_delay(
@@ -958,36 +1001,17 @@ async def test_a_complete_taskforces_job_states_leave_memory_and_late_ones_are_i
     assert (await env.taskforce(tf.taskforce_uuid)).compound_statuses == done.compound_statuses
 
 
-async def test_snapshot_of_another_locations_taskforce_is_ignored(env: Env) -> None:
-    local = env.tms()
-    await local.hello()
-    osg = env.tms("osg")
-    await osg.hello("osg", scheduler="htcondor")
-    theirs, _ = await submitted_taskforce(env, osg, 8, location="osg")
-    mine, _ = await submitted_taskforce(env, local, 9)
-
-    await local.send(
-        snapshot=snapshot(theirs.taskforce_uuid, ("8.0", Job.JOB_STATE_COMPLETED, ""), full=True)
-    )
-    await local.send(
-        snapshot=snapshot(mine.taskforce_uuid, ("9.0", Job.JOB_STATE_RUNNING, ""), full=True)
-    )
-    # Applied in order and written together: once the second shows, the first was handled.
-    await compound_statuses_become(
-        env,
-        mine.taskforce_uuid,
-        compound((Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1)),
-    )
-
-    assert await env.taskforce(theirs.taskforce_uuid) == theirs
-
-
 @pytest.mark.parametrize(
     ("worker", "field"),
     [
         (tms.WorkerJobState(worker_id="1.0"), "job_state"),
         (tms.WorkerJobState(worker_id="1.0", job_state=99), "job_state"),  # type: ignore[arg-type]
         (tms.WorkerJobState(job_state=Job.JOB_STATE_IDLE), "worker_id"),
+        (tms.WorkerJobState(worker_id="7", job_state=Job.JOB_STATE_IDLE), "worker_id"),
+        (tms.WorkerJobState(worker_id="7.0.0", job_state=Job.JOB_STATE_IDLE), "worker_id"),
+        (tms.WorkerJobState(worker_id="07.0", job_state=Job.JOB_STATE_IDLE), "worker_id"),
+        (tms.WorkerJobState(worker_id="-7.0", job_state=Job.JOB_STATE_IDLE), "worker_id"),
+        (tms.WorkerJobState(worker_id="\uff17.0", job_state=Job.JOB_STATE_IDLE), "worker_id"),
         (
             tms.WorkerJobState(
                 worker_id="1.0",
@@ -1012,6 +1036,16 @@ async def test_snapshot_of_another_locations_taskforce_is_ignored(env: Env) -> N
             ),
             "chirps.counters.tasks_failed",
         ),
+        (
+            tms.WorkerJobState(
+                worker_id="1.0",
+                job_state=Job.JOB_STATE_RUNNING,
+                chirps=tms.PilotChirps(
+                    counters=taskforce_pb2.TaskCounters(events_received=10**12 + 1)
+                ),
+            ),
+            "chirps.counters.events_received",
+        ),
     ],
 )
 async def test_invalid_snapshot_field_is_invalid_argument_naming_it(
@@ -1031,16 +1065,147 @@ async def test_invalid_snapshot_field_is_invalid_argument_naming_it(
     assert [f for f, _ in field_violations(err)] == [f"snapshot.taskforces[0].workers[0].{field}"]
 
 
-async def test_snapshot_of_an_unknown_taskforce_is_ignored(env: Env) -> None:
+# --- Snapshots are checked against the taskforce ------------------------------------------------
+
+
+def running(uuid: str, *workers: str, full: bool = False) -> tms.JobStatusSnapshot:
+    return snapshot(uuid, *((w, Job.JOB_STATE_RUNNING, "") for w in workers), full=full)
+
+
+async def refused(stream: TmsStream) -> list[tuple[str, str]]:
+    """The field violations the WMS ends ``stream`` with (INVALID_ARGUMENT)."""
+    err = await stream.failure()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    return field_violations(err)
+
+
+async def test_a_snapshot_of_more_workers_than_the_taskforce_has_is_refused(env: Env) -> None:
+    # Defect 8: 50,000 RUNNING workers were accepted for a 1-worker taskforce never submitted.
+    [tf] = await env.created_and_launched(task(n_workers=1))
     stream = env.tms()
     await stream.hello()
-    tf, _ = await submitted_taskforce(env, stream, 7)
+    await stream.start()  # not confirmed
 
-    await stream.send(snapshot=snapshot("TF-0-0-0-0", ("1.0", Job.JOB_STATE_RUNNING, "")))
-    await stream.send(snapshot=snapshot(tf.taskforce_uuid, ("7.0", Job.JOB_STATE_RUNNING, "")))
-
-    await compound_statuses_become(
-        env,
-        tf.taskforce_uuid,
-        compound((Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1)),
+    await stream.send(
+        snapshot=running(tf.taskforce_uuid, *(f"3.{i}" for i in range(50_000)), full=True)
     )
+
+    assert await refused(stream) == [
+        ("snapshot.taskforces[0].workers", "the taskforce has 1 workers; this would make 50000")
+    ]
+    assert not (await env.taskforce(tf.taskforce_uuid)).compound_statuses
+
+
+async def test_workers_add_up_over_partial_snapshots_to_at_most_n_workers(env: Env) -> None:
+    stream = env.tms()
+    await stream.hello()
+    tf, _ = await submitted_taskforce(env, stream, 7, n_workers=2)
+    uuid = tf.taskforce_uuid
+    await stream.send(snapshot=running(uuid, "7.0"))
+    await stream.send(snapshot=running(uuid, "7.1"))
+    await stream.send(snapshot=running(uuid, "7.0"))  # again: still two workers
+    await stream.send(snapshot=running(uuid, "7.9", full=True))  # replaces them: one
+    await stream.send(snapshot=running(uuid, "7.1"))
+    two = compound((Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_UNSPECIFIED, 2))
+    await compound_statuses_become(env, uuid, two)
+
+    await stream.send(snapshot=running(uuid, "7.2"))
+
+    assert await refused(stream) == [
+        ("snapshot.taskforces[0].workers", "the taskforce has 2 workers; this would make 3")
+    ]
+    await compound_statuses_become(env, uuid, two)
+
+
+async def test_a_snapshot_naming_jobs_of_another_cluster_is_refused(env: Env) -> None:
+    stream = env.tms()
+    await stream.hello()
+    tf, _ = await submitted_taskforce(env, stream, 7, n_workers=2)
+
+    await stream.send(snapshot=running(tf.taskforce_uuid, "7.0", "8.0"))
+
+    assert await refused(stream) == [
+        (
+            "snapshot.taskforces[0].workers[1].worker_id",
+            "must be a job of the taskforce's cluster 7 (got '8.0')",
+        )
+    ]
+    assert not (await env.taskforce(tf.taskforce_uuid)).compound_statuses
+
+
+async def test_a_snapshot_of_a_taskforce_no_start_was_sent_for_is_refused(
+    start_env: StartEnv,
+) -> None:
+    env = await start_env(location_max_workers={"local": 1})
+    await env.created_and_launched(task(n_workers=1))
+    waiting = await pre_launch(env, await env.create(task(n_workers=1)))
+    stream = env.tms()
+    await stream.hello()
+
+    await stream.send(snapshot=running(waiting.taskforce_uuid, "3.0"))
+
+    assert await refused(stream) == [
+        ("snapshot.taskforces[0].taskforce_uuid", "no start command was sent for it")
+    ]
+    assert await env.taskforce(waiting.taskforce_uuid) == waiting
+
+
+async def test_a_snapshot_before_the_submit_is_confirmed_is_applied_within_bounds(
+    env: Env,
+) -> None:
+    # After a reconnect a TMS re-sends its full snapshot before it answers the start sent again.
+    [tf] = await env.created_and_launched(task(n_workers=2))
+    uuid = tf.taskforce_uuid
+    stream = env.tms()
+    await stream.hello()
+    start = await stream.start()
+    await stream.send(snapshot=running(uuid, "5.0", full=True))
+    await compound_statuses_become(
+        env, uuid, compound((Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1))
+    )
+    await stream.submitted(start, 5)
+    await env.phase(uuid, Phase.TASKFORCE_PHASE_CONDOR_SUBMIT)
+
+    # Jobs of another cluster than the ones already known are refused.
+    other = env.tms()
+    await other.hello()
+    [tf2] = await env.created_and_launched(task(n_workers=3))
+    await other.start()
+    await other.send(snapshot=running(tf2.taskforce_uuid, "6.0"))
+    await other.send(snapshot=running(tf2.taskforce_uuid, "6.1", "4.0"))
+
+    assert await refused(other) == [
+        (
+            "snapshot.taskforces[0].workers[1].worker_id",
+            "must be a job of the taskforce's cluster 6 (got '4.0')",
+        )
+    ]
+
+
+async def test_a_refused_snapshot_changes_nothing_of_its_other_entries(env: Env) -> None:
+    stream = env.tms()
+    await stream.hello()
+    tf, _ = await submitted_taskforce(env, stream, 7, n_workers=1)
+    other, _ = await submitted_taskforce(env, stream, 8, n_workers=1)
+    uuid = tf.taskforce_uuid
+    await stream.send(snapshot=running(uuid, "7.0", full=True))
+    before = compound((Job.JOB_STATE_RUNNING, "", Pilot.PILOT_PHASE_UNSPECIFIED, 1))
+    await compound_statuses_become(env, uuid, before)
+
+    both = tms.JobStatusSnapshot(
+        taskforces=[
+            *snapshot(uuid, ("7.0", Job.JOB_STATE_HELD, "held"), full=True).taskforces,
+            *running("TF-0-0-0-0", "1.0").taskforces,
+        ]
+    )
+    await stream.send(snapshot=both)
+
+    assert await refused(stream) == [
+        ("snapshot.taskforces[1].taskforce_uuid", "no taskforce 'TF-0-0-0-0'")
+    ]
+    # Written together with anything applied before it: once it shows, the first entry would.
+    again = env.tms()
+    await again.hello()
+    await again.send(snapshot=running(other.taskforce_uuid, "8.0", full=True))
+    await compound_statuses_become(env, other.taskforce_uuid, before)
+    assert list((await env.taskforce(uuid)).compound_statuses) == before

@@ -4,14 +4,16 @@ nothing."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 
 from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
 from services.errors import field_violations
+from services.wms import limits
 from tests.conftest import seed_request
 from tests.wms.requests import (
     IMAGE,
@@ -460,3 +462,196 @@ async def test_rejected_request_creates_nothing(workflows: Stub, alice: Metadata
         workflow_service_pb2.ListTaskforcesRequest(), metadata=alice
     )
     assert list(taskforces.taskforces) == []
+
+
+# --- Limits and edge values: refused by name, never INTERNAL, always receivable -------------------
+
+
+def _with_number(key: str, number: float) -> workflow_service_pb2.CreateWorkflowRequest:
+    request = workflow_request(minimal_task())
+    getattr(request.tasks[0].worker_config, key).number_value = number
+    return request
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan, 1e300])
+@pytest.mark.parametrize("key", ["worker_disk", "worker_memory"])
+async def test_size_that_is_no_whole_byte_count_up_to_a_pebibyte_is_rejected(
+    workflows: Stub, alice: Metadata, key: str, number: float
+) -> None:
+    field, _ = await only_violation(workflows, alice, _with_number(key, number))
+
+    assert field == f"tasks[0].worker_config.{key}"
+
+
+@pytest.mark.parametrize("size", ["9" * 400, "9" * 60, "9999999999999T", "1025P"])
+async def test_oversized_size_string_is_rejected(
+    workflows: Stub, alice: Metadata, size: str
+) -> None:
+    request = workflow_request(minimal_task(worker_config=worker_config(worker_memory=size)))
+
+    field, description = await only_violation(workflows, alice, request)
+
+    assert field == "tasks[0].worker_config.worker_memory"
+    assert "at most" in description
+
+
+async def test_largest_size_is_a_pebibyte(workflows: Stub, alice: Metadata) -> None:
+    request = workflow_request(minimal_task(worker_config=worker_config(worker_disk="1P")))
+
+    resp = await accepted(workflows, alice, request)
+
+    assert resp.taskforces[0].worker_config.worker_disk.number_value == limits.MAX_SIZE_BYTES
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan, 2.0**60, 0.5])
+async def test_pilot_environment_number_must_be_an_exact_integer(
+    workflows: Stub, alice: Metadata, number: float
+) -> None:
+    request = workflow_request(minimal_task())
+    request.tasks[0].pilot_config.environment["EWMS_PILOT_TIMEOUT"].number_value = number
+
+    field, _ = await only_violation(workflows, alice, request)
+
+    assert field == "tasks[0].pilot_config.environment.EWMS_PILOT_TIMEOUT"
+
+
+async def test_n_workers_above_the_maximum_is_rejected(workflows: Stub, alice: Metadata) -> None:
+    request = workflow_request(minimal_task(n_workers=2**31 - 1))
+
+    field, description = await only_violation(workflows, alice, request)
+
+    assert field == "tasks[0].n_workers"
+    assert description == "must be at most 10,000 per taskforce (got 2,147,483,647)"
+
+
+async def test_add_workers_above_the_maximum_is_rejected(workflows: Stub, alice: Metadata) -> None:
+    request = workflow_service_pb2.AddWorkersRequest(
+        task_id="TK-x", cluster_location="local", n_workers=limits.MAX_N_WORKERS + 1
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await workflows.AddWorkers(request, metadata=alice)
+
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["n_workers"]
+
+
+@pytest.mark.parametrize(
+    ("task", "field"),
+    [
+        (minimal_task(task_args="cp\0 a b"), "tasks[0].task_args"),
+        (minimal_task(init_args="\0"), "tasks[0].init_args"),
+        (minimal_task(task_env={"A": "x\0y"}), "tasks[0].task_env.A"),
+        (minimal_task(init_env={"A\0B": "x"}), "tasks[0].init_env"),
+        (minimal_task(task_image="/img\0"), "tasks[0].task_image"),
+    ],
+)
+async def test_nul_in_a_command_line_or_environment_is_rejected(
+    workflows: Stub, alice: Metadata, task: dict[str, Any], field: str
+) -> None:
+    got, description = await only_violation(workflows, alice, workflow_request(task))
+
+    assert got == field
+    assert "NUL" in description
+
+
+@pytest.mark.parametrize(
+    ("task", "field", "limit"),
+    [
+        ({"task_args": "a"}, "tasks[0].task_args", limits.ARGS_CHARS),
+        ({"init_args": "a"}, "tasks[0].init_args", limits.ARGS_CHARS),
+        ({"task_image": "i"}, "tasks[0].task_image", limits.IMAGE_CHARS),
+        ({"init_image": "i"}, "tasks[0].init_image", limits.IMAGE_CHARS),
+        ({"task_env": {"A": "v"}}, "tasks[0].task_env.A", limits.ENV_VALUE_CHARS),
+        ({"input_queue_aliases": ["q"]}, "tasks[0].input_queue_aliases[0]", limits.ALIAS_CHARS),
+    ],
+)
+async def test_string_at_its_limit_is_accepted_and_one_more_character_is_rejected(
+    workflows: Stub, alice: Metadata, task: dict[str, Any], field: str, limit: int
+) -> None:
+    def sized(n: int) -> dict[str, Any]:
+        ((key, value),) = task.items()
+        if isinstance(value, dict):
+            return {key: {k: v * n for k, v in value.items()}}
+        if isinstance(value, list):
+            return {key: [v * n for v in value], "output_queue_aliases": []}
+        return {key: value * n}
+
+    await accepted(
+        workflows, alice, workflow_request(minimal_task(**sized(limit)), public_queue_aliases=[])
+    )
+    got, description = await only_violation(
+        workflows,
+        alice,
+        workflow_request(minimal_task(**sized(limit + 1)), public_queue_aliases=[]),
+    )
+
+    assert (got, description) == (field, f"at most {limit:,} characters (got {limit + 1:,})")
+
+
+async def test_20000_character_alias_is_rejected_in_a_receivable_error(
+    workflows: Stub, alice: Metadata
+) -> None:
+    request = workflow_request(minimal_task(input_queue_aliases=["a" * 20_000]))
+
+    field, description = await only_violation(workflows, alice, request)
+
+    assert field == "tasks[0].input_queue_aliases[0]"
+    assert description == "at most 128 characters (got 20,000)"
+
+
+async def test_20000_character_id_is_rejected_in_a_receivable_error(
+    workflows: Stub, alice: Metadata
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await workflows.GetWorkflow(
+            workflow_service_pb2.GetWorkflowRequest(workflow_id="W" * 20_000), metadata=alice
+        )
+
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == ["workflow_id"]
+
+
+async def test_more_tasks_than_allowed_is_one_violation(workflows: Stub, alice: Metadata) -> None:
+    request = workflow_request(*[minimal_task(n_workers=0)] * 300)
+
+    field, description = await only_violation(workflows, alice, request)
+
+    assert (field, description) == ("tasks", "at most 100 items (got 300)")
+
+
+async def test_hundreds_of_violations_come_back_as_twenty_and_a_count(
+    workflows: Stub, alice: Metadata
+) -> None:
+    request = workflow_request(*[minimal_task(n_workers=0, max_attempts=0)] * limits.TASKS)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await workflows.CreateWorkflow(request, metadata=alice)
+
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(err.value)
+    assert len(violations) == 21
+    assert violations[0] == ("tasks[0].n_workers", "must be at least 1 (got 0)")
+    assert violations[-1] == ("tasks", "and 180 more violations, not listed (of 200), in tasks")
+
+
+@pytest.mark.parametrize(
+    ("field", "seconds", "nanos"),
+    [
+        ("created_after", 0, 1_000_000_000),
+        ("created_before", 253_402_300_800, 0),
+        ("created_after", -62_135_596_801, 0),
+        ("created_before", 0, -1),
+    ],
+)
+async def test_list_workflows_with_a_timestamp_out_of_range_is_rejected(
+    workflows: Stub, alice: Metadata, field: str, seconds: int, nanos: int
+) -> None:
+    request = workflow_service_pb2.ListWorkflowsRequest()
+    getattr(request, field).CopyFrom(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await workflows.ListWorkflows(request, metadata=alice)
+
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(err.value)] == [field]

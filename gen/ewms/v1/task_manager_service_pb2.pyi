@@ -24,7 +24,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class TaskManagerServiceConnectRequest(_message.Message):
-    """A message from the TMS."""
+    """A message from the TMS. One about a taskforce the WMS does not have, or one of another cluster
+    location, ends the stream with INVALID_ARGUMENT naming its taskforce_uuid.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -256,7 +258,14 @@ Global___TaskforceCompleted: _TypeAlias = TaskforceCompleted  # noqa: Y015
 
 @_typing.final
 class JobStatusSnapshot(_message.Message):
-    """Job states of taskforces whose states changed."""
+    """Job states of taskforces whose states changed. The WMS checks a snapshot before it applies any of
+    it and otherwise ends the stream with INVALID_ARGUMENT naming each offending field (a correct TMS
+    never breaks these rules): each entry is about a taskforce of the TMS's cluster location that a
+    start command was sent for; its workers are jobs of the taskforce's cluster (while the submission
+    is not confirmed, of one cluster: a reconnected TMS re-sends its full snapshot before it answers
+    the start sent again); and the workers the WMS then knows of the taskforce are at most its
+    n_workers. Entries about a taskforce complete long enough ago to be forgotten are ignored.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -325,6 +334,7 @@ class WorkerJobState(_message.Message):
     HOLD_REASON_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     CHIRPS_FIELD_NUMBER: _builtins.int
+    JOB_EXIT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The worker: "<cluster id>.<proc id>", as the pilot's EWMS_PILOT_WORKER_ID."""
     job_state: _taskforce_pb2.JobState.ValueType
@@ -348,6 +358,13 @@ class WorkerJobState(_message.Message):
         pilot's own stream wins.
         """
 
+    @_builtins.property
+    def job_exit(self) -> _taskforce_pb2.JobExit:
+        """How the worker's process ended, when job_state is COMPLETED or REMOVED and the scheduler saw
+        it end; unset otherwise (e.g. a local worker that ended while no TMS watched it). At most one of
+        its fields is set; signal is not negative.
+        """
+
     def __init__(
         self,
         *,
@@ -356,10 +373,11 @@ class WorkerJobState(_message.Message):
         hold_reason: _builtins.str = ...,
         timestamp: _timestamp_pb2.Timestamp | None = ...,
         chirps: Global___PilotChirps | None = ...,
+        job_exit: _taskforce_pb2.JobExit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chirps", b"chirps", "timestamp", b"timestamp"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chirps", b"chirps", "job_exit", b"job_exit", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chirps", b"chirps", "hold_reason", b"hold_reason", "job_state", b"job_state", "timestamp", b"timestamp", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chirps", b"chirps", "hold_reason", b"hold_reason", "job_exit", b"job_exit", "job_state", b"job_state", "timestamp", b"timestamp", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -137,6 +137,12 @@ class _PilotPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PilotPhase
     """Stopped on an error."""
     PILOT_PHASE_DONE: _PilotPhase.ValueType  # 7
     """Finished normally."""
+    PILOT_PHASE_LOST: _PilotPhase.ValueType  # 8
+    """Gone without a word: its stream ended without DONE or FATAL_ERROR, and its job has ended
+    (COMPLETED, REMOVED or HELD) or it did not reconnect within the WMS's grace (2 minutes). Set by
+    the WMS, never reported by a pilot; a pilot that reconnects is live again. Its counters are what
+    it last reported, caught up with the task lifecycle events it sent after that.
+    """
 
 class PilotPhase(_PilotPhase, metaclass=_PilotPhaseEnumTypeWrapper):
     """Phase of a pilot process as it reports it."""
@@ -157,6 +163,12 @@ PILOT_PHASE_FATAL_ERROR: PilotPhase.ValueType  # 6
 """Stopped on an error."""
 PILOT_PHASE_DONE: PilotPhase.ValueType  # 7
 """Finished normally."""
+PILOT_PHASE_LOST: PilotPhase.ValueType  # 8
+"""Gone without a word: its stream ended without DONE or FATAL_ERROR, and its job has ended
+(COMPLETED, REMOVED or HELD) or it did not reconnect within the WMS's grace (2 minutes). Set by
+the WMS, never reported by a pilot; a pilot that reconnects is live again. Its counters are what
+it last reported, caught up with the task lifecycle events it sent after that.
+"""
 Global___PilotPhase: _TypeAlias = PilotPhase  # noqa: Y015
 
 @_typing.final
@@ -505,6 +517,7 @@ class CompoundStatus(_message.Message):
     HOLD_REASON_FIELD_NUMBER: _builtins.int
     PILOT_PHASE_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    JOB_EXIT_FIELD_NUMBER: _builtins.int
     job_state: Global___JobState.ValueType
     """The scheduler's job state."""
     hold_reason: _builtins.str
@@ -513,6 +526,13 @@ class CompoundStatus(_message.Message):
     """The pilot's phase."""
     count: _builtins.int
     """Number of workers in this combination."""
+    @_builtins.property
+    def job_exit(self) -> Global___JobExit:
+        """How these workers' processes ended, when job_state is COMPLETED or REMOVED and the scheduler
+        reported it (e.g. signal 9 for a pilot killed with SIGKILL); unset otherwise. Workers that ended
+        differently are counted apart.
+        """
+
     def __init__(
         self,
         *,
@@ -520,14 +540,43 @@ class CompoundStatus(_message.Message):
         hold_reason: _builtins.str = ...,
         pilot_phase: Global___PilotPhase.ValueType = ...,
         count: _builtins.int = ...,
+        job_exit: Global___JobExit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job_exit", b"job_exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "hold_reason", b"hold_reason", "job_state", b"job_state", "pilot_phase", b"pilot_phase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "hold_reason", b"hold_reason", "job_exit", b"job_exit", "job_state", b"job_state", "pilot_phase", b"pilot_phase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompoundStatus: _TypeAlias = CompoundStatus  # noqa: Y015
+
+@_typing.final
+class JobExit(_message.Message):
+    """How a worker's process ended, as its scheduler saw it (HTCondor's JOB_TERMINATED event:
+    ReturnValue, or TerminatedBySignal): either an exit code, or the signal that killed it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    exit_code: _builtins.int
+    """The exit code, when it exited by itself (signal is then 0)."""
+    signal: _builtins.int
+    """The signal that ended it, e.g. 9 (SIGKILL) or 15 (SIGTERM); 0 when it exited by itself."""
+    def __init__(
+        self,
+        *,
+        exit_code: _builtins.int = ...,
+        signal: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobExit: _TypeAlias = JobExit  # noqa: Y015
 
 @_typing.final
 class TaskCounters(_message.Message):

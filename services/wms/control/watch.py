@@ -3,10 +3,13 @@
 Changes come from whoever makes them (the dispatcher: phases, compound statuses, counters and
 errors as pilots report them; WorkflowService: deactivation, new taskforces). Each watcher keeps
 the set of what changed since its last message, so a slow client gets fewer, fuller messages
-instead of a growing backlog. A taskforce is sent only if it differs from what this watcher last
-sent. Queue counters ride along with other changes, refreshed at most every ``QUEUE_STATS_MIN_AGE``
-seconds (for RabbitMQ they cost a management API call). The stream ends once the workflow is
-deactivated and every taskforce is in a terminal phase.
+instead of a growing backlog; and messages are at least ``MIN_GAP`` seconds apart, so that
+thousands of pilots reporting do not turn into thousands of messages: a change after a quiet spell
+goes out at once, changes within the gap join the next message, which always carries the latest
+state. A taskforce is sent only if it differs from what this watcher last sent. Queue counters
+ride along with other changes, refreshed at most every ``QUEUE_STATS_MIN_AGE`` seconds (for
+RabbitMQ they cost a management API call). The stream ends once the workflow is deactivated and
+every taskforce is in a terminal phase.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ log = structlog.get_logger(__name__)
 Phase = taskforce_pb2.TaskforcePhase
 TERMINAL = (Phase.TASKFORCE_PHASE_CONDOR_COMPLETE, Phase.TASKFORCE_PHASE_CANCELLED)
 QUEUE_STATS_MIN_AGE = 1.0
+MIN_GAP = 0.02
 
 Live = Callable[[taskforce_pb2.Taskforce], taskforce_pb2.Taskforce]
 
@@ -126,8 +130,11 @@ class WatchHub:
         yield first
         if _done(wf, tfs):
             return
+        sent_at = time.monotonic()
         while True:
             await watcher.wake.wait()
+            if (gap := sent_at + MIN_GAP - time.monotonic()) > 0:
+                await asyncio.sleep(gap)
             watcher.wake.clear()
             uuids = set(sent_tf) if watcher.all_taskforces else set(watcher.taskforces)
             watcher.taskforces.clear()
@@ -177,6 +184,7 @@ class WatchHub:
                         )
             if msg.taskforces or msg.queue_stats or msg.HasField("workflow"):
                 yield msg
+                sent_at = time.monotonic()
             if wf_now.deactivated and all(p in TERMINAL for p in phases.values()):
                 return
 

@@ -23,6 +23,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.rpc import status_pb2
 
 from services.auth import set_current_principal
+from services.wms import limits
 from services.wms.auth_interceptor import authorize_call
 from services.wms.http import sse
 from services.wms.http.metrics import RPC_KEY
@@ -139,8 +140,13 @@ def _handler(
         )
         set_current_principal(principal)
         body = await request.read() if request.body_exists else b""
-        message = binding.transcoder.request(
-            request.match_info, request.query.items(), body, request.headers.get(hdrs.CONTENT_TYPE)
+        message = await limits.off_loop_if_large(
+            len(body),
+            binding.transcoder.request,
+            request.match_info,
+            request.query.items(),
+            body,
+            request.headers.get(hdrs.CONTENT_TYPE),
         )
         context = GatewayContext(request)
         if binding.rpc.server_streaming:

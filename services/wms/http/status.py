@@ -17,9 +17,9 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from google.protobuf import json_format
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 
-from services.errors import ApiError
+from services.errors import MAX_MESSAGE_BYTES, ApiError, clip, fit_status
 from services.wms.http.metrics import CODE_KEY
 
 log = structlog.get_logger(__name__)
@@ -150,8 +150,10 @@ def error_response(request: web.Request, exc: BaseException) -> web.Response:
 
 
 def status_of(code: grpc.StatusCode, message: str) -> status_pb2.Status:
-    """A Status without details."""
-    return status_pb2.Status(code=code.value[0], message=message)
+    """A Status without details, its message clipped as every status's is (services.errors)."""
+    return fit_status(
+        status_pb2.Status(code=code.value[0], message=clip(message, MAX_MESSAGE_BYTES))
+    )
 
 
 def error_status(
@@ -175,8 +177,7 @@ def error_status(
         return status_of(code_of_http_status(exc.status), message), exc.status, headers
     where = {"method": request.method, "path": request.path} if request is not None else {}
     log.error("unhandled error in HTTP request", exc_info=exc, **where)
-    status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {exc!r}")
-    return status, 500, {}
+    return status_of(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"), 500, {}
 
 
 def _describe_http_error(exc: web.HTTPException, request: web.Request | None) -> str:

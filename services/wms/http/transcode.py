@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from services.errors import ApiError, InvalidArgument
+from services.wms import limits
 
 # Messages whose JSON form is a plain value; they are parsed whole by json_format.
 WRAPPERS: Final = frozenset(
@@ -287,7 +288,7 @@ def merge_json(
     if descriptor.full_name in SPECIAL_JSON:
         try:
             json_format.ParseDict(cast(Any, value), message)
-        except json_format.ParseError:
+        except (json_format.ParseError, OverflowError):  # a 400-digit integer for a double
             form = _MESSAGE_FORMS.get(descriptor.full_name, "a JSON value")
             violations.append((path or "body", f"expected {form}, got {_show(value)}"))
         return
@@ -329,6 +330,8 @@ def merge_json(
         mt = field.message_type
         if item is None and (mt is None or mt.full_name != "google.protobuf.Value"):
             message.ClearField(field.name)  # JSON null: the field's default
+        elif _too_many(field, item, here, violations):
+            continue
         elif mt is None or _is_map(field) or mt.full_name in SPECIAL_JSON:
             _parse_leaf(message, field, item, here, violations)
         elif field.is_repeated:
@@ -345,6 +348,19 @@ def merge_json(
             merge_json(item, sub, here, violations)
 
 
+def _too_many(
+    field: FieldDescriptor, value: object, path: str, violations: list[tuple[str, str]]
+) -> bool:
+    """Whether a JSON list or object has more items than the field's limit (limits.py), which is
+    then the violation: parsing a million items would stall the event loop for nothing."""
+    most = limits.max_items(field)
+    if most is None or not isinstance(value, list | dict) or len(value) <= most:
+        return False
+    what = "entries" if isinstance(value, dict) else "items"
+    violations.append((path, f"at most {most:,} {what} (got {len(value):,})"))
+    return True
+
+
 def _parse_leaf(
     message: Message,
     field: FieldDescriptor,
@@ -356,7 +372,7 @@ def _parse_leaf(
     JSON value, with json_format's rules."""
     try:
         json_format.ParseDict({field.name: value}, message)
-    except json_format.ParseError:
+    except (json_format.ParseError, OverflowError):
         violations.append((path, f"expected {_expected(field)}, got {_show(value)}"))
 
 
@@ -395,7 +411,7 @@ def set_from_text(
     try:
         values = [_json_of_text(leaf, text) for text in texts]
         json_format.ParseDict({leaf.name: values if leaf.is_repeated else values[0]}, parent)
-    except (ValueError, json_format.ParseError):
+    except (ValueError, OverflowError, json_format.ParseError):
         got = ", ".join(_show(t) for t in texts)
         violations.append((name, f"expected {_expected(leaf, item=True)}, got {got}"))
 
@@ -516,6 +532,9 @@ class Transcoder:
         for route_name, field_path, fields in self._variables:
             set_from_text(message, fields, [path_values[route_name]], field_path, violations)
         if violations:
+            # And what did parse but is over its limits: every violation at once, as over gRPC.
+            found = set(violations)
+            violations += [v for v in limits.violations(message) if v not in found]
             raise InvalidArgument(violations)
         return message
 

@@ -33,6 +33,11 @@ class Broker(Protocol):
         """Delete the workflow's queues, their events and credentials (idempotent)."""
         ...
 
+    async def revoke(self, workflow_id: str, *, read: bool) -> None:
+        """Withdraw the ended workflow's broker credentials: their write permission (``read``
+        False), or the credentials altogether (idempotent). Nothing for a backend without them."""
+        ...
+
     async def publish(self, queue: queue_pb2.Queue, events: Sequence[queue_pb2.Event]) -> list[str]:
         """Store the events (ids and ``published_ts`` already set) durably; returns their ids."""
         ...

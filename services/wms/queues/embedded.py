@@ -303,6 +303,9 @@ class EmbeddedBroker:
         use their WMS token."""
         return None
 
+    async def revoke(self, workflow_id: str, *, read: bool) -> None:
+        """No credentials to withdraw: EventService checks the WMS token on every call."""
+
     async def delete(self, workflow_id: str, queues: Sequence[queue_pb2.Queue]) -> None:
         """Delete the queues' events and counters; their subscriptions end."""
         ids = [q.queue_id for q in queues]

@@ -1,10 +1,13 @@
 """EventService: publish to and consume from a workflow's queues, whichever broker holds them.
 
-Checks here, for every backend: the queue exists (NOT_FOUND), the caller may use it
-(PERMISSION_DENIED: users their own workflows' queues, pilots their taskforce's queues), it was not
-deleted after retention (FAILED_PRECONDITION), publishing needs an active workflow
-(FAILED_PRECONDITION), and every field is valid (INVALID_ARGUMENT with field violations). Then the
-queue's broker does the work.
+Checks here, for every backend: the queue exists and the caller may see it (NOT_FOUND, alike for a
+queue that does not exist and one of another user's workflow or another taskforce, as
+WorkflowService answers, so existence does not leak), the caller may use it this way
+(PERMISSION_DENIED: a pilot receives only from its taskforce's input queues, publishes only into
+its output queues, and neither lists nor re-drives dead letters), it was not deleted after
+retention (FAILED_PRECONDITION), publishing needs an active workflow (FAILED_PRECONDITION), and
+every field is valid (INVALID_ARGUMENT with field violations). Then the queue's broker does the
+work.
 
 Brokers hold every event's content as payload bytes. An event published with ``json`` or ``text``
 is encoded to payload here, before the size check; a receiver asking for PAYLOAD_FORMAT_DECODED
@@ -14,11 +17,12 @@ gets the payload decoded back into ``json`` or ``text`` here, where that is exac
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import structlog
@@ -40,6 +44,7 @@ from services.errors import (
     grpc_errors,
 )
 from services.events.client import RESERVED_HEADER_PREFIX
+from services.wms import limits
 from services.wms.pagination import page_of
 from services.wms.queues.broker import UnknownAckId
 from services.wms.queues.manager import QueueManager
@@ -65,6 +70,34 @@ MAX_EXACT_INT = 2**53
 PAYLOAD_FORMATS = frozenset(event_service_pb2.PayloadFormat.values())
 
 
+class Use(enum.Enum):
+    """What a call does with a queue, for a pilot's least privilege."""
+
+    PUBLISH = "publish into"  # Publish: the taskforce's output queues
+    CONSUME = "receive from"  # Subscribe, Receive, Ack, Nack: its input queues
+    INSPECT = "read the counters of"  # GetQueueStats: either
+    DEAD_LETTERS = "list or re-drive the dead letters of"  # never: the owner's decision
+
+
+class PilotQueues(NamedTuple):
+    """The queues of a pilot token's taskforce."""
+
+    inputs: frozenset[str]
+    outputs: frozenset[str]
+
+    def allow(self, queue_id: str, use: Use) -> bool:
+        """Whether the pilot may ``use`` the queue (it is one of the taskforce's)."""
+        if use is Use.PUBLISH:
+            return queue_id in self.outputs
+        if use is Use.CONSUME:
+            return queue_id in self.inputs
+        return use is Use.INSPECT
+
+    def holds(self, queue_id: str) -> bool:
+        """Whether the queue is one of the taskforce's."""
+        return queue_id in self.inputs or queue_id in self.outputs
+
+
 class EventService(event_service_pb2_grpc.EventServiceServicer):
     """Events in and out of queues, for users and pilots."""
 
@@ -73,18 +106,18 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self._queues = queues
         self._max_event_bytes = max_event_bytes
         # Queues a pilot token's taskforce may use, by taskforce uuid (they never change).
-        self._pilot_queues: dict[str, frozenset[str]] = {}
+        self._pilot_queues: dict[str, PilotQueues] = {}
 
     async def _resolve(
-        self, queue_id: str, principal: Principal
+        self, queue_id: str, principal: Principal, use: Use
     ) -> tuple[queue_pb2.Queue, workflow_pb2.Workflow]:
-        """The queue and its workflow, if the caller may use it."""
+        """The queue and its workflow, if the caller may ``use`` it."""
         scope = principal.scope if principal.role is Role.PILOT else ""
         known_pilot = scope in self._pilot_queues
 
         def load(
             tx: Tx,
-        ) -> tuple[queue_pb2.Queue | None, workflow_pb2.Workflow | None, frozenset[str] | None]:
+        ) -> tuple[queue_pb2.Queue | None, workflow_pb2.Workflow | None, PilotQueues | None]:
             queue = tx.get(QUEUES, queue_id)
             if queue is None:
                 return None, None, None
@@ -93,29 +126,30 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             if scope and not known_pilot:
                 tf = tx.get(TASKFORCES, scope)
                 td = tx.get(TASK_DIRECTIVES, tf.task_id) if tf is not None else None
-                allowed = frozenset([*td.input_queues, *td.output_queues] if td is not None else [])
+                allowed = PilotQueues(
+                    frozenset(td.input_queues if td is not None else ()),
+                    frozenset(td.output_queues if td is not None else ()),
+                )
             return queue, wf, allowed
 
         queue, wf, allowed = await self._store.run(load, write=False)
-        if queue is None or wf is None:
-            raise NotFound(f"queue {queue_id!r} not found")
         if allowed is not None:
             self._pilot_queues[scope] = allowed
-        if principal.is_admin:
-            pass
-        elif principal.role is Role.USER:
-            if wf.owner != principal.subject:
-                raise PermissionDenied(
-                    f"queue {queue_id} belongs to another user's workflow; "
-                    f"{principal.subject!r} may not use it"
-                )
-        elif principal.role is Role.PILOT:
-            if queue_id not in self._pilot_queues.get(scope, frozenset()):
-                raise PermissionDenied(
-                    f"queue {queue_id} is not an input or output queue of taskforce {scope!r}"
-                )
-        else:
-            raise PermissionDenied(f"role {principal.role.value!r} may not use event queues")
+        pilot_queues = self._pilot_queues.get(scope, PilotQueues(frozenset(), frozenset()))
+        # Another user's queue, or one outside the pilot's taskforce, is answered as one that does
+        # not exist: the same code and message, so that existence does not leak.
+        visible = queue is not None and (
+            principal.is_admin
+            or (principal.role is Role.USER and wf is not None and wf.owner == principal.subject)
+            or (principal.role is Role.PILOT and pilot_queues.holds(queue_id))
+        )
+        if queue is None or wf is None or not visible:
+            raise NotFound(f"queue {queue_id!r} not found")
+        if principal.role is Role.PILOT and not pilot_queues.allow(queue_id, use):
+            raise PermissionDenied(
+                f"a pilot may not {use.value} queue {queue_id}: taskforce {scope!r} receives "
+                "only from its input queues and publishes only into its output queues"
+            )
         if queue.HasField("deleted_ts"):
             raise FailedPrecondition(
                 f"queue {queue_id} was deleted at {queue.deleted_ts.ToJsonString()}, a retention "
@@ -129,10 +163,11 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def Publish(
         self, request: event_service_pb2.PublishRequest, context: Ctx
     ) -> event_service_pb2.PublishResponse:
+        limits.check(request)
         require_fields(queue_id=request.queue_id)
-        self._validate_events(request)
+        await limits.off_loop_if_large(request.ByteSize(), self._validate_events, request)
         principal = current_principal()
-        queue, wf = await self._resolve(request.queue_id, principal)
+        queue, wf = await self._resolve(request.queue_id, principal, Use.PUBLISH)
         if wf.deactivated:
             state = workflow_pb2.Deactivation.Name(wf.deactivated).removeprefix("DEACTIVATION_")
             raise FailedPrecondition(
@@ -211,6 +246,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        limits.check(first)
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument([("open", "the first message must open the subscription")])
         opened = first.open
@@ -225,7 +261,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             )
         if violations:
             raise InvalidArgument(violations)
-        queue, _ = await self._resolve(opened.queue_id, principal)
+        queue, _ = await self._resolve(opened.queue_id, principal, Use.CONSUME)
         prefetch = opened.prefetch or 1
         sub = await self._queues.broker(queue).subscribe(queue, prefetch, opened.lease_seconds)
         problem: list[InvalidArgument] = []
@@ -233,6 +269,9 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         async def read_acks() -> None:
             try:
                 async for req in requests:
+                    if found := limits.violations(req):
+                        problem.append(InvalidArgument(found))
+                        break
                     kind = req.WhichOneof("kind")
                     if kind == "ack":
                         await sub.ack(*(queue_pb2.Delivery(ack_id=a) for a in req.ack.ack_ids))
@@ -281,6 +320,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def Receive(
         self, request: event_service_pb2.ReceiveRequest, context: Ctx
     ) -> event_service_pb2.ReceiveResponse:
+        limits.check(request)
         violations: list[tuple[str, str]] = []
         if not request.queue_id:
             violations.append(("queue_id", "required"))
@@ -298,7 +338,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         violations += _payload_format_violations(request.payload_format)
         if violations:
             raise InvalidArgument(violations)
-        queue, _ = await self._resolve(request.queue_id, current_principal())
+        queue, _ = await self._resolve(request.queue_id, current_principal(), Use.CONSUME)
         deliveries = await self._queues.broker(queue).receive(
             queue,
             request.max_events or 1,
@@ -315,6 +355,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def Ack(
         self, request: event_service_pb2.AckRequest, context: Ctx
     ) -> event_service_pb2.AckResponse:
+        limits.check(request)
         violations: list[tuple[str, str]] = []
         if not request.queue_id:
             violations.append(("queue_id", "required"))
@@ -324,7 +365,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             violations.append(("ack_ids", f"at most {MAX_ACK_IDS} per call"))
         if violations:
             raise InvalidArgument(violations)
-        queue, _ = await self._resolve(request.queue_id, current_principal())
+        queue, _ = await self._resolve(request.queue_id, current_principal(), Use.CONSUME)
         expired = await self._queues.broker(queue).ack(queue, list(request.ack_ids))
         return event_service_pb2.AckResponse(expired_ack_ids=expired)
 
@@ -332,8 +373,9 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def Nack(
         self, request: event_service_pb2.NackRequest, context: Ctx
     ) -> event_service_pb2.NackResponse:
+        limits.check(request)
         require_fields(queue_id=request.queue_id, ack_id=request.ack_id)
-        queue, _ = await self._resolve(request.queue_id, current_principal())
+        queue, _ = await self._resolve(request.queue_id, current_principal(), Use.CONSUME)
         try:
             dead = await self._queues.broker(queue).nack(
                 queue, request.ack_id, request.error, request.dead_letter
@@ -351,19 +393,21 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def GetQueueStats(
         self, request: event_service_pb2.GetQueueStatsRequest, context: Ctx
     ) -> queue_pb2.QueueStats:
+        limits.check(request)
         require_fields(queue_id=request.queue_id)
-        queue, _ = await self._resolve(request.queue_id, current_principal())
+        queue, _ = await self._resolve(request.queue_id, current_principal(), Use.INSPECT)
         return await self._queues.broker(queue).stats(queue)
 
     @grpc_errors
     async def ListDeadLetters(
         self, request: event_service_pb2.ListDeadLettersRequest, context: Ctx
     ) -> event_service_pb2.ListDeadLettersResponse:
+        limits.check(request)
         require_fields(queue_id=request.queue_id)
         if violations := _payload_format_violations(request.payload_format):
             raise InvalidArgument(violations)
         page = page_of(request.page_size, request.page_token, request.queue_id)
-        queue, _ = await self._resolve(request.queue_id, current_principal())
+        queue, _ = await self._resolve(request.queue_id, current_principal(), Use.DEAD_LETTERS)
         letters, after = await self._queues.broker(queue).dead_letters(
             queue, page.after_seq, page.size
         )
@@ -379,8 +423,9 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
     async def RedriveDeadLetters(
         self, request: event_service_pb2.RedriveDeadLettersRequest, context: Ctx
     ) -> event_service_pb2.RedriveDeadLettersResponse:
+        limits.check(request)
         require_fields(queue_id=request.queue_id)
-        queue, wf = await self._resolve(request.queue_id, current_principal())
+        queue, wf = await self._resolve(request.queue_id, current_principal(), Use.DEAD_LETTERS)
         if wf.deactivated:
             raise FailedPrecondition(
                 f"workflow {wf.workflow_id} is deactivated; its dead letters cannot be re-driven"

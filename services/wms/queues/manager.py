@@ -1,5 +1,9 @@
-"""The WMS's queue manager: which broker holds a queue, creating a workflow's queues, and deleting
-them a retention period after the workflow ended."""
+"""The WMS's queue manager: which broker holds a queue, creating a workflow's queues, withdrawing
+their broker credentials when the workflow ends (write at once, the rest after a grace period), and
+deleting them a retention period after.
+
+What is due is derived from the store each sweep (the workflow's ``deactivated_ts``, and whether
+its queues still carry credentials), so a WMS restarted in between still revokes and deletes."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import structlog
 from google.protobuf import timestamp_pb2
 
 from ewms.v1 import queue_pb2, workflow_pb2
+from services.config import DEFAULT_CREDENTIAL_GRACE
 from services.errors import FailedPrecondition
 from services.wms.queues.broker import Broker
 from services.wms.store import QUEUES, Store, Tx
@@ -42,11 +47,16 @@ class QueueManager:
         brokers: Mapping[queue_pb2.QueueBackend.ValueType, Broker],
         default_backend: queue_pb2.QueueBackend.ValueType,
         retention_seconds: int,
+        *,
+        credential_grace_seconds: int = DEFAULT_CREDENTIAL_GRACE,
     ) -> None:
         self._store = store
         self._brokers = dict(brokers)
         self.default_backend = default_backend
         self._retention = retention_seconds
+        self._grace = credential_grace_seconds
+        # Ended workflows whose credentials lost write in this process (again after a restart).
+        self._write_revoked: set[str] = set()
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -134,9 +144,13 @@ class QueueManager:
         now = time.time()
         next_due: float | None = None
         for wf, queues in await self._store.run(ended, write=False):
-            due = wf.deactivated_ts.ToNanoseconds() / 1e9 + self._retention
+            ended_at = wf.deactivated_ts.ToNanoseconds() / 1e9
+            due = ended_at + self._retention
             if due > now:
-                next_due = due if next_due is None else min(next_due, due)
+                revoke_due = await self._revoke(wf.workflow_id, queues, ended_at + self._grace, now)
+                for when in (due, revoke_due):
+                    if when is not None:
+                        next_due = when if next_due is None else min(next_due, when)
                 continue
             await self._delete(wf.workflow_id, queues)
             log.info(
@@ -145,6 +159,33 @@ class QueueManager:
                 queues=[q.queue_id for q in queues],
             )
         return next_due
+
+    async def _revoke(
+        self, workflow_id: str, queues: list[queue_pb2.Queue], read_due: float, now: float
+    ) -> float | None:
+        """Withdraw an ended workflow's credentials as far as due: write at once, then, from
+        ``read_due``, all (the queues lose their stored credentials: that is the record). Returns
+        when the next step is due (None: nothing left)."""
+        holding = [q for q in queues if q.credentials.username]
+        if not holding:
+            return None
+        broker = self.broker(holding[0])
+        if now < read_due:
+            if workflow_id not in self._write_revoked:
+                await broker.revoke(workflow_id, read=False)
+                self._write_revoked.add(workflow_id)
+            return read_due
+        await broker.revoke(workflow_id, read=True)
+        self._write_revoked.discard(workflow_id)
+
+        def forget(tx: Tx) -> None:
+            for q in holding:
+                q.ClearField("credentials")
+                tx.update(QUEUES, q)
+
+        await self._store.run(forget)
+        log.info("revoked queue credentials", workflow_id=workflow_id)
+        return None
 
     async def delete_now(self, workflow_id: str) -> None:
         """Delete a workflow's queues, events and broker credentials now, without waiting for

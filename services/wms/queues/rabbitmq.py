@@ -321,6 +321,16 @@ class RabbitBroker:
         log.info("provisioned RabbitMQ queues", workflow_id=workflow_id, n_queues=len(queues))
         return credentials
 
+    async def revoke(self, workflow_id: str, *, read: bool) -> None:
+        """Take the workflow user's write permission, or (``read``) delete the user, which closes
+        its connections. Idempotent."""
+        if read:
+            await self.admin.delete_user(wire.workflow_username(workflow_id))
+        else:
+            await self.admin.revoke_workflow_write(workflow_id)
+        revoked = "the user" if read else "write permission"
+        log.info("revoked RabbitMQ credentials", workflow_id=workflow_id, revoked=revoked)
+
     async def delete(self, workflow_id: str, queues: Sequence[queue_pb2.Queue]) -> None:
         """Delete the user (closing its connections), the queues with their events, the dead-letter
         queues and the exchange. Idempotent."""

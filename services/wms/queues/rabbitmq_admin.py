@@ -14,6 +14,13 @@ these permissions on the vhost of the WMS's AMQP URL:
 - read ``^Q-<workflow part>-[0-9a-f]{8}(\\.dead)?$``: consuming (and ``basic.get``, ``queue.purge``)
   the workflow's queues and dead-letter queues only.
 
+When the workflow ends, the write permission goes at once (``^$``: its queues take no new events,
+from pilots or anyone holding the credentials) and the user's connections are closed: a channel
+caches the permissions it checked until it idles (measured on RabbitMQ 3.10.8: a channel
+publishing every 0.1 s kept publishing for 30 s after the change; an idle one was refused after
+1 s), so only a new connection is sure to see the change. Clients reconnect and may still read;
+the user itself is deleted a short grace period later (``EWMS_QUEUE_CREDENTIAL_GRACE``).
+
 Calls run urllib in a worker thread with a timeout; failures raise
 :class:`~services.events.client.QueueError` with the HTTP status and body.
 """
@@ -46,14 +53,15 @@ def vhost_of(amqp_url: str) -> str:
     return urllib.parse.unquote(path[1:])
 
 
-def workflow_permissions(workflow_id: str) -> dict[str, str]:
-    """The vhost permissions of a workflow's user (see the module docstring)."""
+def workflow_permissions(workflow_id: str, *, write: bool = True) -> dict[str, str]:
+    """The vhost permissions of a workflow's user (see the module docstring); without ``write``,
+    those of an ended workflow's."""
     part = workflow_id.removeprefix("WF-")
     if not workflow_id.startswith("WF-") or not _WORKFLOW_PART.fullmatch(part):
         raise ValueError(f"not a workflow id: {workflow_id!r}")
     return {
         "configure": "^$",
-        "write": f"^E-{part}$",
+        "write": f"^E-{part}$" if write else "^$",
         "read": f"^Q-{part}-[0-9a-f]{{8}}(\\{wire.DEAD_LETTER_SUFFIX})?$",
     }
 
@@ -86,18 +94,29 @@ class RabbitAdmin:
         return cls(management_url, vhost_of(amqp_url), timeout=timeout)
 
     async def request(
-        self, method: str, path: str, body: Any = None, *, missing_ok: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        missing_ok: bool = False,
+        reason: str = "",
     ) -> Any:
         """Call the API (``path`` starts with ``/api/``, names already quoted); returns the decoded
-        JSON (None for no content, or for 404 with ``missing_ok``)."""
-        _, result = await asyncio.to_thread(self._request, method, path, body, missing_ok)
+        JSON (None for no content, or for 404 with ``missing_ok``). ``reason`` goes to RabbitMQ's
+        ``X-Reason`` header (a closed connection's clients see it)."""
+        _, result = await asyncio.to_thread(self._request, method, path, body, missing_ok, reason)
         return result
 
-    def _request(self, method: str, path: str, body: Any, missing_ok: bool) -> tuple[int, Any]:
+    def _request(
+        self, method: str, path: str, body: Any, missing_ok: bool, reason: str = ""
+    ) -> tuple[int, Any]:
         """(HTTP status, decoded JSON or None)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         request.add_header("Authorization", self._auth)
+        if reason:
+            request.add_header("X-Reason", reason)
         request.add_header("Accept", "application/json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
@@ -149,6 +168,22 @@ class RabbitAdmin:
         await self.put_user(username, password)
         await self.set_permissions(username, **permissions)
         return queue_pb2.QueueCredentials(username=username, password=password)
+
+    async def revoke_workflow_write(self, workflow_id: str) -> bool:
+        """Take the write permission of the workflow's user (keeping read); False if there is no
+        such user."""
+        username = wire.workflow_username(workflow_id)
+        if await self.user(username) is None:
+            return False
+        await self.set_permissions(username, **workflow_permissions(workflow_id, write=False))
+        await self.close_connections(username, "the workflow ended: its queues take no new events")
+        return True
+
+    async def close_connections(self, username: str, reason: str) -> None:
+        """Close every connection of the user now, with ``reason`` (by user name: the connection
+        list lags about 5 s behind new connections)."""
+        path = f"/api/connections/username/{self._name(username)}"
+        await self.request("DELETE", path, missing_ok=True, reason=reason)
 
     async def delete_user(self, username: str) -> bool:
         """Delete the user (RabbitMQ closes its connections); False if there was none."""
