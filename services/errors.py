@@ -196,6 +196,11 @@ class Unauthenticated(ApiError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class PortInUse(OSError):
+    """A WMS address (gRPC or HTTP) cannot be bound: another process, likely another WMS, has it.
+    ``ewms wms serve`` prints it and exits 1."""
+
+
 def grpc_errors(method: F) -> F:
     """Decorate a servicer method: ApiError becomes its rich status; anything else is logged and
     becomes INTERNAL, so no traceback text leaks to callers."""

@@ -15,9 +15,9 @@ from services.cli.connection import resolve_token
 from services.cli.options import Parents, positive_int
 from services.cli.workflows import UsageError
 from services.config import ClientSettings, WmsSettings
+from services.errors import PortInUse
 from services.logs import configure_logging
 from services.wms import serve
-from services.wms.server import PortInUse
 
 
 def add_commands(sub: Any, parents: Parents) -> None:

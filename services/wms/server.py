@@ -29,6 +29,7 @@ from ewms.v1 import (
 )
 from services.auth import TokenAuthority, ensure_admin_token, load_or_create_secret
 from services.config import WmsSettings
+from services.errors import PortInUse
 from services.oidc import OidcVerifier
 from services.wms.auth_interceptor import AuthInterceptor
 from services.wms.control.pilots import PilotRegistry, PilotService
@@ -226,10 +227,6 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
     return RunningWms(
         server, store, port, authority, health_servicer, queues, pilots, dispatcher, hub, http
     )
-
-
-class PortInUse(OSError):
-    """The WMS's gRPC address cannot be bound (another process, likely another WMS, has it)."""
 
 
 def bind_port(server: grpc.aio.Server, host: str, port: int) -> int:

@@ -863,9 +863,22 @@ def test_the_wms_binds_loopback_and_a_second_one_on_its_port_fails_loudly(
     assert second.returncode == 1, output
     assert f"error: cannot listen on 127.0.0.1:{c.wms_port}: the address is in use" in output
     assert served == 20
+
+    # A second WMS clashing only on the HTTP port fails as loudly, before serving anything.
+    clash = subprocess.run(
+        ewms_cmd("wms", "serve", "--port", "0", "--data-dir", str(c.root / "third-wms")),
+        capture_output=True,
+        text=True,
+        env=cli_env(EWMS_HTTP_PORT=str(http_port)),
+        timeout=TIMEOUT,
+    )
+    assert clash.returncode == 1, clash.stderr
+    assert f"error: cannot serve HTTP on 127.0.0.1:{http_port}" in clash.stderr, clash.stderr
+    assert "Traceback" not in clash.stderr, clash.stderr
     outcome(
         "WMS bind",
-        detail="gRPC and HTTP on loopback only; a second WMS on the port exits 1 naming it; "
+        detail="gRPC and HTTP on loopback only; a second WMS on the gRPC or HTTP port exits 1 "
+        "naming it; "
         "20/20 new connections reach the first",
     )
 

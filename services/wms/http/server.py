@@ -3,6 +3,7 @@ served on ``EWMS_HTTP_HOST:EWMS_HTTP_PORT`` by the WMS's own event loop."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from aiohttp import web
 
 from services.auth import TokenAuthority
 from services.config import WmsSettings
+from services.errors import PortInUse
 from services.wms.control.pilots import PilotRegistry
 from services.wms.control.tms import Dispatcher
 from services.wms.control.watch import WatchHub
@@ -96,7 +98,8 @@ async def start_http(deps: HttpDeps) -> HttpServer:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(
+        error = PortInUse if exc.errno == errno.EADDRINUSE else OSError
+        raise error(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
             " (set EWMS_HTTP_PORT to a free port, or 0 for any)"
         ) from exc
