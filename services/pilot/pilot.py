@@ -44,7 +44,7 @@ from services.pilot.failures import (
 from services.pilot.queue_link import Intake, QueueUnreachable, Received, queue_links
 from services.pilot.runner import RunResult, run
 from services.pilot.runtimes import Launch, Mount, Runtime, RuntimeSetupError, TaskSpec
-from services.pilot.spawner import Spawner
+from services.pilot.spawner import Spawner, Withdrawn
 from services.pilot.status import StatusReporter
 
 log = structlog.get_logger(__name__)
@@ -147,8 +147,6 @@ class Pilot:
         # process runs). A slot frees when the process exits, so publishing and acking overlap
         # the next task.
         self._tasks: dict[asyncio.Task[None], Received] = {}
-        # Handles whose task has not started: a drain cancels them at once.
-        self._not_started: set[asyncio.Task[Any]] = set()
         self._task_words = shlex.split(settings.task_args)
         self._wakeup: asyncio.Future[None] | None = None
         self._spawner: Spawner | None = None  # started by run()
@@ -414,7 +412,6 @@ class Pilot:
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.pop(t, None)
-            self._not_started.discard(t)
             self._last_done = time.monotonic()
             self._poke()
 
@@ -427,8 +424,11 @@ class Pilot:
         self._set_phase(Phase.PILOT_PHASE_DRAINING)
         # Paused first, so the nacks below return events to other pilots, not to this one.
         await intake.pause()
-        for task in list(self._not_started):
-            task.cancel()
+        # Tasks waiting for a slot do not start (their events go back); a task the spawner has
+        # started runs on within the grace, even if its start has not reached this loop yet.
+        # Handles still staging in see the drain before they queue their task.
+        if self._spawner is not None:
+            self._spawner.drop_queued()
         await self._return_untaken(intake)
         loop = asyncio.get_running_loop()
         # After a task error the original waits for in-flight tasks; a drain request bounds it.
@@ -498,9 +498,6 @@ class Pilot:
                 attempt=event.attempt,
             )
         paths = None
-        me = asyncio.current_task()
-        if me is not None:
-            self._not_started.add(me)
         try:
             self._stage("stage_in", r, job)
             # A reused directory: a rename and a write in place, cheap enough for the event loop
@@ -517,10 +514,11 @@ class Pilot:
             launch = self._launch(paths)
             if self._drain.is_set():
                 raise NotStarted()
+            # No await from here until the task is queued in the spawner: a drain either comes
+            # before the check above or finds the task queued (and drops it, or lets it run).
 
             def started(slot: int) -> None:
                 r.slot = slot
-                self._not_started.discard(me)  # type: ignore[arg-type]
                 self._stage("execution", r, job)
 
             # Queued in the spawner, which starts it the moment one of its slots frees (no round
@@ -543,7 +541,7 @@ class Pilot:
             )
             await self._publish(outputs)
             self._stage("stage_out", r, job, finished=True, bytes=r.bytes_out)
-        except (asyncio.CancelledError, NotStarted) as exc:
+        except (asyncio.CancelledError, NotStarted, Withdrawn) as exc:
             if "execution.started" not in r.timestamps or self._gave_up:
                 # Never ran, or stopped by an outage: back to the queue for another pilot, not
                 # counted as a failure.

@@ -18,6 +18,8 @@ So a separate process owns the slots (``EWMS_PILOT_MAX_CONCURRENT_TASKS``):
   system CPU, max RSS KiB)``;
 - ``("withdraw", id)`` drops a task that has not started (``("withdrawn", id)``); one that started
   meanwhile is killed when its start is reported;
+- ``("drop_queued",)`` drops every task that has not started (``("withdrawn", id)`` each) and leaves
+  the started ones alone, even those whose start the pilot has not read yet (a drain);
 - ``("signal", pid, signal)`` signals a task's process group, only while the helper has not reaped
   it (so a reused pid is never signalled).
 
@@ -64,6 +66,11 @@ class Exit:
 
 class SpawnerLost(OSError):
     """The helper process is gone: no task can be started or watched any more."""
+
+
+class Withdrawn(Exception):
+    """The task was dropped from the helper's queue before it started
+    (:meth:`Spawner.drop_queued`)."""
 
 
 ExitCallback = Callable[["Exit | SpawnerLost"], None]
@@ -170,6 +177,12 @@ class Spawner:
         if pending.request_id in self._waiting:
             self._send(("withdraw", pending.request_id))
 
+    def drop_queued(self) -> None:
+        """Tasks still waiting for a slot will not start: their ``started`` raises
+        :class:`Withdrawn`. Tasks the helper has started run on, including those whose start is
+        still on its way here (the helper answers in order, so none is lost between the two)."""
+        self._send(("drop_queued",))
+
     def signal(self, pid: int, signum: int) -> None:
         """Signal the task's process group, if it has not been reaped yet."""
         self._send(("signal", pid, signum))
@@ -237,7 +250,9 @@ class Spawner:
             if not started.done():
                 started.set_exception(OSError(errno_, text))
         elif kind == "withdrawn":
-            self._waiting.pop(reply[1], None)
+            waiting = self._waiting.pop(reply[1], None)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_exception(Withdrawn())
 
     def _lose(self, reason: str) -> SpawnerLost:
         if self._lost is None:
@@ -354,6 +369,12 @@ def _serve(sock: socket.socket, slots: int) -> None:
                 if pid in running:
                     with contextlib.suppress(OSError):
                         os.killpg(pid, signum)
+            elif kind == "drop_queued":
+                while queue:
+                    task = queue.popleft()
+                    for fd in task.fds:
+                        os.close(fd)
+                    reply("withdrawn", task.request_id)
             elif kind == "withdraw":
                 for task in queue:
                     if task.request_id == request[1]:

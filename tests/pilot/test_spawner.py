@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from services.pilot.spawner import Exit, Spawner, SpawnerLost
+from services.pilot.spawner import Exit, Spawner, SpawnerLost, Withdrawn
 
 WAIT = 10.0
 
@@ -221,6 +221,47 @@ async def test_tasks_beyond_the_slots_wait_and_start_as_slots_free(tmp_path: Pat
         # Never more than two at once.
         for begin, _ in spans:
             assert sum(1 for b, e in spans if b <= begin < e) <= 2
+    finally:
+        await spawner.close()
+
+
+async def test_a_drain_drops_queued_tasks_and_lets_started_ones_finish(tmp_path: Path) -> None:
+    # A drain: tasks the helper already started (the pilot has not read their start yet: the
+    # drop is sent in the same step as the spawns) run to the end; tasks waiting for a slot
+    # never start.
+    spawner = Spawner.start(2)
+    try:
+        env = {"PATH": os.environ["PATH"]}
+        ended = []
+        pendings = []
+        for i in range(4):
+            out, err, _ = outputs(tmp_path, f"d{i}")
+            done: asyncio.Future[Exit | SpawnerLost] = asyncio.get_running_loop().create_future()
+            ended.append(done)
+            pendings.append(
+                spawner.spawn(
+                    ["sh", "-c", f"sleep 0.3; echo ran{i}"],
+                    env,
+                    str(tmp_path),
+                    out,
+                    err,
+                    done.set_result,
+                )
+            )
+        spawner.drop_queued()
+        for pending in pendings[:2]:
+            await asyncio.wait_for(pending.started, WAIT)
+        for pending in pendings[2:]:
+            with pytest.raises(Withdrawn):
+                await asyncio.wait_for(pending.started, WAIT)
+        for i in range(2):
+            result = await asyncio.wait_for(ended[i], WAIT)
+            assert isinstance(result, Exit) and result.wait_status == 0
+            assert (tmp_path / f"d{i}.out").read_text() == f"ran{i}\n"
+        assert [(tmp_path / f"d{i}.out").read_text() for i in (2, 3)] == ["", ""]
+        # The spawner still takes new tasks afterwards.
+        _, after, _ = await start(spawner, tmp_path, ["true"], env, "after")
+        assert isinstance(await asyncio.wait_for(after, WAIT), Exit)
     finally:
         await spawner.close()
 
