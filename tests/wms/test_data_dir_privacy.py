@@ -4,11 +4,11 @@ looser is tightened at start; what cannot be (another user owns it) is a clear e
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +23,7 @@ from services.cli import main as ewms
 from services.local_stack import start_local_stack
 from services.wms import RunningWms, start_wms
 from services.wms.store import DB_FILE
-from tests.conftest import bearer, wms_settings
+from tests.conftest import ROOT, bearer, wms_settings
 from tests.wms.requests import workflow_request
 
 PRIVATE_FILES = (DB_FILE, SECRET_FILE, ADMIN_TOKEN_FILE)
@@ -183,28 +183,25 @@ def root_owned_loose_dir() -> Iterator[Path]:
 def test_data_dir_of_another_user_is_an_error_naming_it(root_owned_loose_dir: Path) -> None:
     """As a user (nobody) who does not own the data directory: ``ewms token create`` fails with
     exit code 2 and a message naming the directory and its owner."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, run the command, report through the pipe
-        rc = 99
-        err = io.StringIO()
-        try:
-            os.close(read_end)
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                args = ["--role", "user", "--subject", "a", "--data-dir", str(root_owned_loose_dir)]
-                rc = ewms(["token", "create", *args])
-        except BaseException as exc:  # reported to the parent
-            err.write(f"raised {exc!r}")
-        finally:
-            os.write(write_end, f"{rc}\n{err.getvalue()}".encode())
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        reported = pipe.read().decode()
-    os.waitpid(pid, 0)
-    rc_text, _, stderr = reported.partition("\n")
+    # A fresh interpreter, not a fork: forking a test worker that has threads (gRPC's, xdist's)
+    # can leave the child deadlocked on a lock some thread held. It starts as root (the
+    # interpreter lives under /root), imports the CLI, then becomes nobody.
+    args = ["--role", "user", "--subject", "a", "--data-dir", str(root_owned_loose_dir)]
+    script = (
+        "import os, sys\n"
+        "from services.cli import main\n"
+        f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
+        f"sys.exit(main({['token', 'create', *args]!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rc_text, stderr = str(done.returncode), done.stderr
 
     assert rc_text == "2", stderr
     assert f"cannot make {root_owned_loose_dir} private" in stderr
