@@ -21,6 +21,10 @@ DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
 DEFAULT_QUEUE_RETENTION = 7 * 24 * 3600
 DEFAULT_CREDENTIAL_GRACE = 5 * 60
+# The task activity window (services/wms/control/activity.py): task runs kept per workflow, and
+# workflows kept.
+DEFAULT_ACTIVITY_MAX_TASK_RUNS = 5000
+DEFAULT_ACTIVITY_MAX_WORKFLOWS = 16
 QUEUE_BACKENDS = ("embedded", "rabbitmq")
 DEFAULT_WMS_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
 _LOCATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -169,6 +173,10 @@ class WmsSettings:
     auth_jwks_url: str = ""
     # Dotted path of the claim holding the caller's roles (Keycloak realm roles by default).
     auth_role_claim: str = DEFAULT_AUTH_ROLE_CLAIM
+    # The in-memory task activity window WatchWorkflow streams: task runs kept per workflow, and
+    # workflows kept (the least recently active dropped first).
+    activity_max_task_runs: int = DEFAULT_ACTIVITY_MAX_TASK_RUNS
+    activity_max_workflows: int = DEFAULT_ACTIVITY_MAX_WORKFLOWS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WmsSettings:
@@ -210,6 +218,12 @@ class WmsSettings:
             auth_audience=env.get("EWMS_AUTH_AUDIENCE", "").strip(),
             auth_jwks_url=env.get("EWMS_AUTH_JWKS_URL", "").strip(),
             auth_role_claim=env.get("EWMS_AUTH_ROLE_CLAIM", "").strip() or DEFAULT_AUTH_ROLE_CLAIM,
+            activity_max_task_runs=_int(
+                env, "EWMS_ACTIVITY_MAX_TASK_RUNS", DEFAULT_ACTIVITY_MAX_TASK_RUNS, 1, 100_000
+            ),
+            activity_max_workflows=_int(
+                env, "EWMS_ACTIVITY_MAX_WORKFLOWS", DEFAULT_ACTIVITY_MAX_WORKFLOWS, 1, 10_000
+            ),
         )
         check_auth_settings(
             settings.auth_issuer,

@@ -173,7 +173,8 @@ def up_command(args: Any) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
         print(
-            f"ewms up: WMS at {stack.address}, HTTP at {stack.wms.http_url}, data in {data_dir}, "
+            f"ewms up: WMS at {stack.address}, HTTP at {stack.wms.http_url}, "
+            f"dashboard at {stack.wms.http_url}/, data in {data_dir}, "
             "local TMS with "
             f"{args.workers or os.cpu_count()} worker slot(s); Ctrl-C stops",
             file=sys.stderr,

@@ -112,6 +112,8 @@ class _Run:
     bytes_in: int = 0
     bytes_out: int = 0
     result: RunResult | None = None
+    # Whether its event is counted as received (once its task started, or failed to start).
+    counted: bool = False
 
     def mark(self, name: str) -> float:
         now = time.time()
@@ -483,9 +485,6 @@ class Pilot:
         event = item.delivery.event
         job = event.event_id
         r = _Run(-1)
-        self.counters.events_received += 1
-        self._changed()
-        self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_STARTED)
         r.mark("job.started")
         if self._monitored:
             # Its slot ("thread") is known once it runs: job.finished carries it.
@@ -519,6 +518,13 @@ class Pilot:
 
             def started(slot: int) -> None:
                 r.slot = slot
+                # Counted, and STARTED reported, when the task runs (not when its event arrives
+                # and waits for a slot): an event returned untouched by a drain was never
+                # started here, and the WMS's task stream shows the run from its real start.
+                r.counted = True
+                self.counters.events_received += 1
+                self._changed()
+                self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_STARTED)
                 self._stage("execution", r, job)
 
             # Queued in the spawner, which starts it the moment one of its slots frees (no round
@@ -783,6 +789,9 @@ class Pilot:
         event = item.delivery.event
         if paths is not None:
             paths = self._dirs.keep(paths, event)  # for the user to look into
+        if not r.counted:  # it failed before its task could start
+            r.counted = True
+            self.counters.events_received += 1
         self._changed()
         self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_FAILED, r, str(error))
         exit_status = r.result.exit_code if r.result else -1

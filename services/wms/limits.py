@@ -174,6 +174,7 @@ TEXT: Final[Mapping[str, Limit]] = MappingProxyType(
             "AbortWorkflowRequest.workflow_id": _ID,
             "FinishWorkflowRequest.workflow_id": _ID,
             "WatchWorkflowRequest.workflow_id": _ID,
+            "WatchWorkflowsRequest.owner": Limit(chars=OWNER_CHARS),
             "GetTaskDirectiveRequest.task_id": _ID,
             "ListTaskDirectivesRequest.workflow_id": _ID,
             "ListTaskDirectivesRequest.page_token": _PAGE_TOKEN,

@@ -32,6 +32,8 @@ from services.config import WmsSettings
 from services.errors import PortInUse
 from services.oidc import OidcVerifier
 from services.wms.auth_interceptor import AuthInterceptor
+from services.wms.control.activity import TaskActivity
+from services.wms.control.overview import WorkflowsOverview
 from services.wms.control.pilots import PilotRegistry, PilotService
 from services.wms.control.tms import Dispatcher, DispatchSettings, TaskManagerService
 from services.wms.control.watch import WatchHub
@@ -156,17 +158,30 @@ async def start_wms(settings: WmsSettings) -> RunningWms:
                 tms_retry_delay=settings.tms_retry_delay,
             ),
         )
-        hub = WatchHub(store, queues, dispatcher.live)
+        activity = TaskActivity(
+            settings.activity_max_task_runs,
+            settings.activity_max_workflows,
+            # Half the send limit: a snapshot's other fields (taskforces) have room to spare.
+            max_message_bytes=limit // 2,
+        )
+        pilots.listen(activity.on_pilot_change)
+        hub = WatchHub(store, queues, dispatcher.live, activity)
         dispatcher.listen(hub.taskforces_changed)
         workflows = WorkflowService(
-            store, settings.cluster_locations, queues, pilots, dispatcher=dispatcher, hub=hub
+            store,
+            settings.cluster_locations,
+            queues,
+            pilots,
+            dispatcher=dispatcher,
+            hub=hub,
+            overview=WorkflowsOverview(store, queues, hub, dispatcher.live),
         )
         workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(workflows, server)
         pilot_service_pb2_grpc.add_PilotServiceServicer_to_server(PilotService(pilots), server)
         task_manager_service_pb2_grpc.add_TaskManagerServiceServicer_to_server(
             TaskManagerService(dispatcher, settings.cluster_locations), server
         )
-        events = EventService(store, queues, settings.max_event_bytes)
+        events = EventService(store, queues, settings.max_event_bytes, hub.queues_changed)
         event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -255,7 +270,8 @@ async def serve(settings: WmsSettings) -> None:
     wms = await start_wms(settings)
     print(
         f"ewms wms serve: gRPC at {settings.grpc_host}:{wms.port}, HTTP at {wms.http_url} "
-        f"(REST /v1, OpenAPI {wms.http_url}/v1/openapi.json, API page {wms.http_url}/docs, "
+        f"(dashboard {wms.http_url}/, REST /v1, OpenAPI {wms.http_url}/v1/openapi.json, "
+        f"API page {wms.http_url}/docs, "
         f"original API {wms.http_url}{settings.original_base_path}/v1); Ctrl-C stops",
         file=sys.stderr,
         flush=True,

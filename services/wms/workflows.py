@@ -29,6 +29,7 @@ from services.errors import (
 )
 from services.events.client import DEFAULT_MAX_ATTEMPTS
 from services.wms import limits
+from services.wms.control.overview import WorkflowsOverview, selection_of
 from services.wms.control.phases import log_phase, now_ts
 from services.wms.control.pilots import PilotRegistry, deactivation_command
 from services.wms.control.tms import Dispatcher
@@ -74,6 +75,16 @@ SOURCE_USER = "User"
 def _owner_filter(principal: Principal) -> str | None:
     """Owner to restrict queries to: the caller, unless an admin."""
     return None if principal.is_admin else principal.subject
+
+
+def _listed_owner(principal: Principal, requested: str) -> str | None:
+    """Whose workflows a list or overview shows: a user's own (PERMISSION_DENIED for another
+    owner); for an admin, the requested owner's, or everyone's (None)."""
+    if principal.is_admin:
+        return requested or None
+    if requested and requested != principal.subject:
+        raise PermissionDenied("only admins may list other owners' workflows")
+    return principal.subject
 
 
 def build_workflow(
@@ -201,6 +212,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         *,
         dispatcher: Dispatcher | None = None,
         hub: WatchHub | None = None,
+        overview: WorkflowsOverview | None = None,
     ) -> None:
         self._store = store
         self._locations = locations
@@ -208,6 +220,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self._pilots = pilots
         self._dispatcher = dispatcher
         self._hub = hub
+        self._overview = overview
         # Where clients reach embedded queues; set by the server once its port is bound.
         self.queue_address = ""
 
@@ -243,6 +256,8 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
                 tx.insert(TASKFORCES, tf, owner=owner)
 
         await self._store.run(insert)
+        if self._hub is not None:
+            self._hub.workflow_changed(resp.workflow.workflow_id)  # a new row for WatchWorkflows
         if self._dispatcher is not None:
             self._dispatcher.wake()
         return resp
@@ -266,12 +281,7 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self, request: workflow_service_pb2.ListWorkflowsRequest, context: Ctx
     ) -> workflow_service_pb2.ListWorkflowsResponse:
         limits.check(request)
-        principal = current_principal()
-        owner = request.owner
-        if not principal.is_admin:
-            if owner and owner != principal.subject:
-                raise PermissionDenied("only admins may list other owners' workflows")
-            owner = principal.subject
+        owner = _listed_owner(current_principal(), request.owner)
         conditions: list[tuple[str, object]] = []
         if owner:
             conditions.append(("owner = ?", owner))
@@ -337,7 +347,21 @@ class WorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         if self._hub is None:
             raise Unimplemented("this WMS has no watch hub")
         owner = _owner_filter(current_principal())
-        async for msg in self._hub.watch(request.workflow_id, owner):
+        async for msg in self._hub.watch(
+            request.workflow_id, owner, include_task_activity=request.include_task_activity
+        ):
+            yield msg
+
+    @grpc_errors
+    async def WatchWorkflows(
+        self, request: workflow_service_pb2.WatchWorkflowsRequest, context: Ctx
+    ) -> Any:
+        limits.check(request)
+        owner = _listed_owner(current_principal(), request.owner)
+        selection = selection_of(request, owner)
+        if self._overview is None:
+            raise Unimplemented("this WMS has no workflows overview")
+        async for msg in self._overview.watch(selection):
             yield msg
 
     @grpc_errors

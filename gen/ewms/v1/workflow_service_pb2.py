@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from ewms.v1 import pilot_service_pb2 as ewms_dot_v1_dot_pilot__service__pb2
 from ewms.v1 import queue_pb2 as ewms_dot_v1_dot_queue__pb2
 from ewms.v1 import taskforce_pb2 as ewms_dot_v1_dot_taskforce__pb2
 from ewms.v1 import workflow_pb2 as ewms_dot_v1_dot_workflow__pb2
@@ -30,7 +31,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65wms/v1/workflow_service.proto\x12\x07\x65wms.v1\x1a\x13\x65wms/v1/queue.proto\x1a\x17\x65wms/v1/taskforce.proto\x1a\x16\x65wms/v1/workflow.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x15\x43reateWorkflowRequest\x12&\n\x05tasks\x18\x01 \x03(\x0b\x32\x11.ewms.v1.TaskSpecB\x04\xe2\x41\x01\x02\x12\x1c\n\x14public_queue_aliases\x18\x02 \x03(\t\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"\xaa\x04\n\x08TaskSpec\x12\x1f\n\x11\x63luster_locations\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12\x12\n\ntask_image\x18\x02 \x01(\t\x12\x11\n\ttask_args\x18\x03 \x01(\t\x12\x30\n\x08task_env\x18\x04 \x03(\x0b\x32\x1e.ewms.v1.TaskSpec.TaskEnvEntry\x12\x12\n\ninit_image\x18\x05 \x01(\t\x12\x11\n\tinit_args\x18\x06 \x01(\t\x12\x30\n\x08init_env\x18\x07 \x03(\x0b\x32\x1e.ewms.v1.TaskSpec.InitEnvEntry\x12\x1b\n\x13input_queue_aliases\x18\x08 \x03(\t\x12\x1c\n\x14output_queue_aliases\x18\t \x03(\t\x12*\n\x0cpilot_config\x18\n \x01(\x0b\x32\x14.ewms.v1.PilotConfig\x12\x32\n\rworker_config\x18\x0b \x01(\x0b\x32\x15.ewms.v1.WorkerConfigB\x04\xe2\x41\x01\x02\x12\x16\n\tn_workers\x18\x0c \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0cmax_attempts\x18\r \x01(\x05H\x01\x88\x01\x01\x1a.\n\x0cTaskEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cInitEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_n_workersB\x0f\n\r_max_attempts\"\xb6\x01\n\x16\x43reateWorkflowResponse\x12#\n\x08workflow\x18\x01 \x01(\x0b\x32\x11.ewms.v1.Workflow\x12/\n\x0ftask_directives\x18\x02 \x03(\x0b\x32\x16.ewms.v1.TaskDirective\x12&\n\ntaskforces\x18\x03 \x03(\x0b\x32\x12.ewms.v1.Taskforce\x12\x1e\n\x06queues\x18\x04 \x03(\x0b\x32\x0e.ewms.v1.Queue\"/\n\x12GetWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xda\x01\n\x14ListWorkflowsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.ewms.v1.WorkflowState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"V\n\x15ListWorkflowsResponse\x12$\n\tworkflows\x18\x01 \x03(\x0b\x32\x11.ewms.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x14\x41\x62ortWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x15\x46inishWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"l\n\x1a\x44\x65\x61\x63tivateWorkflowResponse\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x14\n\x0cn_taskforces\x18\x02 \x01(\x05\x12#\n\x08workflow\x18\x03 \x01(\x0b\x32\x11.ewms.v1.Workflow\"1\n\x14WatchWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xa0\x01\n\x15WatchWorkflowResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12#\n\x08workflow\x18\x02 \x01(\x0b\x32\x11.ewms.v1.Workflow\x12&\n\ntaskforces\x18\x03 \x03(\x0b\x32\x12.ewms.v1.Taskforce\x12(\n\x0bqueue_stats\x18\x04 \x03(\x0b\x32\x13.ewms.v1.QueueStats\"0\n\x17GetTaskDirectiveRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"W\n\x19ListTaskDirectivesRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x1aListTaskDirectivesResponse\x12/\n\x0ftask_directives\x18\x01 \x03(\x0b\x32\x16.ewms.v1.TaskDirective\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"c\n\x11\x41\x64\x64WorkersRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1e\n\x10\x63luster_location\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tn_workers\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\"3\n\x13GetTaskforceRequest\x12\x1c\n\x0etaskforce_uuid\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xa6\x01\n\x15ListTaskforcesRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x18\n\x10\x63luster_location\x18\x03 \x01(\t\x12&\n\x05phase\x18\x04 \x01(\x0e\x32\x17.ewms.v1.TaskforcePhase\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"Y\n\x16ListTaskforcesResponse\x12&\n\ntaskforces\x18\x01 \x03(\x0b\x32\x12.ewms.v1.Taskforce\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x11ListQueuesRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x12ListQueuesResponse\x12\x1e\n\x06queues\x18\x01 \x03(\x0b\x32\x0e.ewms.v1.Queue*\x83\x01\n\rWorkflowState\x12\x1e\n\x1aWORKFLOW_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKFLOW_STATE_ACTIVE\x10\x01\x12\x1a\n\x16WORKFLOW_STATE_ABORTED\x10\x02\x12\x1b\n\x17WORKFLOW_STATE_FINISHED\x10\x03\x32\x93\x0b\n\x0fWorkflowService\x12k\n\x0e\x43reateWorkflow\x12\x1e.ewms.v1.CreateWorkflowRequest\x1a\x1f.ewms.v1.CreateWorkflowResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/workflows:\x01*\x12\x62\n\x0bGetWorkflow\x12\x1b.ewms.v1.GetWorkflowRequest\x1a\x11.ewms.v1.Workflow\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/workflows/{workflow_id}\x12\x65\n\rListWorkflows\x12\x1d.ewms.v1.ListWorkflowsRequest\x1a\x1e.ewms.v1.ListWorkflowsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/workflows\x12\x86\x01\n\rAbortWorkflow\x12\x1d.ewms.v1.AbortWorkflowRequest\x1a#.ewms.v1.DeactivateWorkflowResponse\"1\x82\xd3\xe4\x93\x02+\")/v1/workflows/{workflow_id}/actions/abort\x12\x8b\x01\n\x0e\x46inishWorkflow\x12\x1e.ewms.v1.FinishWorkflowRequest\x1a#.ewms.v1.DeactivateWorkflowResponse\"4\x82\xd3\xe4\x93\x02.\",/v1/workflows/{workflow_id}/actions/finished\x12{\n\rWatchWorkflow\x12\x1d.ewms.v1.WatchWorkflowRequest\x1a\x1e.ewms.v1.WatchWorkflowResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/workflows/{workflow_id}/watch0\x01\x12s\n\x10GetTaskDirective\x12 .ewms.v1.GetTaskDirectiveRequest\x1a\x16.ewms.v1.TaskDirective\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/task-directives/{task_id}\x12z\n\x12ListTaskDirectives\x12\".ewms.v1.ListTaskDirectivesRequest\x1a#.ewms.v1.ListTaskDirectivesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/task-directives\x12z\n\nAddWorkers\x12\x1a.ewms.v1.AddWorkersRequest\x1a\x12.ewms.v1.Taskforce\"<\x82\xd3\xe4\x93\x02\x36\"1/v1/task-directives/{task_id}/actions/add-workers:\x01*\x12i\n\x0cGetTaskforce\x12\x1c.ewms.v1.GetTaskforceRequest\x1a\x12.ewms.v1.Taskforce\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/taskforces/{taskforce_uuid}\x12i\n\x0eListTaskforces\x12\x1e.ewms.v1.ListTaskforcesRequest\x1a\x1f.ewms.v1.ListTaskforcesResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/taskforces\x12q\n\nListQueues\x12\x1a.ewms.v1.ListQueuesRequest\x1a\x1b.ewms.v1.ListQueuesResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/workflows/{workflow_id}/queuesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65wms/v1/workflow_service.proto\x12\x07\x65wms.v1\x1a\x1b\x65wms/v1/pilot_service.proto\x1a\x13\x65wms/v1/queue.proto\x1a\x17\x65wms/v1/taskforce.proto\x1a\x16\x65wms/v1/workflow.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x15\x43reateWorkflowRequest\x12&\n\x05tasks\x18\x01 \x03(\x0b\x32\x11.ewms.v1.TaskSpecB\x04\xe2\x41\x01\x02\x12\x1c\n\x14public_queue_aliases\x18\x02 \x03(\t\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"\xaa\x04\n\x08TaskSpec\x12\x1f\n\x11\x63luster_locations\x18\x01 \x03(\tB\x04\xe2\x41\x01\x02\x12\x12\n\ntask_image\x18\x02 \x01(\t\x12\x11\n\ttask_args\x18\x03 \x01(\t\x12\x30\n\x08task_env\x18\x04 \x03(\x0b\x32\x1e.ewms.v1.TaskSpec.TaskEnvEntry\x12\x12\n\ninit_image\x18\x05 \x01(\t\x12\x11\n\tinit_args\x18\x06 \x01(\t\x12\x30\n\x08init_env\x18\x07 \x03(\x0b\x32\x1e.ewms.v1.TaskSpec.InitEnvEntry\x12\x1b\n\x13input_queue_aliases\x18\x08 \x03(\t\x12\x1c\n\x14output_queue_aliases\x18\t \x03(\t\x12*\n\x0cpilot_config\x18\n \x01(\x0b\x32\x14.ewms.v1.PilotConfig\x12\x32\n\rworker_config\x18\x0b \x01(\x0b\x32\x15.ewms.v1.WorkerConfigB\x04\xe2\x41\x01\x02\x12\x16\n\tn_workers\x18\x0c \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0cmax_attempts\x18\r \x01(\x05H\x01\x88\x01\x01\x1a.\n\x0cTaskEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cInitEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_n_workersB\x0f\n\r_max_attempts\"\xb6\x01\n\x16\x43reateWorkflowResponse\x12#\n\x08workflow\x18\x01 \x01(\x0b\x32\x11.ewms.v1.Workflow\x12/\n\x0ftask_directives\x18\x02 \x03(\x0b\x32\x16.ewms.v1.TaskDirective\x12&\n\ntaskforces\x18\x03 \x03(\x0b\x32\x12.ewms.v1.Taskforce\x12\x1e\n\x06queues\x18\x04 \x03(\x0b\x32\x0e.ewms.v1.Queue\"/\n\x12GetWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xda\x01\n\x14ListWorkflowsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.ewms.v1.WorkflowState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"V\n\x15ListWorkflowsResponse\x12$\n\tworkflows\x18\x01 \x03(\x0b\x32\x11.ewms.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x14\x41\x62ortWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"2\n\x15\x46inishWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"l\n\x1a\x44\x65\x61\x63tivateWorkflowResponse\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x14\n\x0cn_taskforces\x18\x02 \x01(\x05\x12#\n\x08workflow\x18\x03 \x01(\x0b\x32\x11.ewms.v1.Workflow\"P\n\x14WatchWorkflowRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x15include_task_activity\x18\x02 \x01(\x08\"\xda\x02\n\x15WatchWorkflowResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12#\n\x08workflow\x18\x02 \x01(\x0b\x32\x11.ewms.v1.Workflow\x12&\n\ntaskforces\x18\x03 \x03(\x0b\x32\x12.ewms.v1.Taskforce\x12(\n\x0bqueue_stats\x18\x04 \x03(\x0b\x32\x13.ewms.v1.QueueStats\x12#\n\ttask_runs\x18\x05 \x03(\x0b\x32\x10.ewms.v1.TaskRun\x12-\n\nthroughput\x18\x06 \x03(\x0b\x32\x19.ewms.v1.ThroughputBucket\x12.\n\x0btask_errors\x18\x07 \x03(\x0b\x32\x19.ewms.v1.TaskErrorExample\x12\x34\n\x0f\x61\x63tivity_window\x18\x08 \x01(\x0b\x32\x1b.ewms.v1.TaskActivityWindow\"\x86\x02\n\x07TaskRun\x12\x16\n\x0etaskforce_uuid\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\x12+\n\x07started\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07outcome\x18\x06 \x01(\x0e\x32\x17.ewms.v1.TaskRunOutcome\x12%\n\x07metrics\x18\x07 \x01(\x0b\x32\x14.ewms.v1.TaskMetrics\x12\x15\n\rerror_summary\x18\x08 \x01(\t\"q\n\x10ThroughputBucket\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07seconds\x18\x02 \x01(\x05\x12\x11\n\tsucceeded\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\"c\n\x10TaskErrorExample\x12\x0f\n\x07summary\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12 \n\x06latest\x18\x03 \x01(\x0b\x32\x10.ewms.v1.TaskRun\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"q\n\x12TaskActivityWindow\x12\x15\n\rmax_task_runs\x18\x01 \x01(\x05\x12\x16\n\x0e\x62ucket_seconds\x18\x02 \x01(\x05\x12\x13\n\x0bmax_buckets\x18\x03 \x01(\x05\x12\x17\n\x0fmax_task_errors\x18\x04 \x01(\x05\"`\n\x15WatchWorkflowsRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.ewms.v1.WorkflowState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"u\n\x16WatchWorkflowsResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12+\n\tworkflows\x18\x02 \x03(\x0b\x32\x18.ewms.v1.WorkflowSummary\x12\x1c\n\x14removed_workflow_ids\x18\x03 \x03(\t\"c\n\x0fWorkflowSummary\x12#\n\x08workflow\x18\x01 \x01(\x0b\x32\x11.ewms.v1.Workflow\x12+\n\x08progress\x18\x02 \x01(\x0b\x32\x19.ewms.v1.WorkflowProgress\"\xb0\x01\n\x10WorkflowProgress\x12\x11\n\tpublished\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x15\n\rdead_lettered\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\r\n\x05ready\x18\x06 \x01(\x03\x12\x17\n\x0fworkers_tasking\x18\x07 \x01(\x05\x12\x19\n\x11taskforces_active\x18\x08 \x01(\x05\"0\n\x17GetTaskDirectiveRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"W\n\x19ListTaskDirectivesRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x1aListTaskDirectivesResponse\x12/\n\x0ftask_directives\x18\x01 \x03(\x0b\x32\x16.ewms.v1.TaskDirective\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"c\n\x11\x41\x64\x64WorkersRequest\x12\x15\n\x07task_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1e\n\x10\x63luster_location\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tn_workers\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\"3\n\x13GetTaskforceRequest\x12\x1c\n\x0etaskforce_uuid\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xa6\x01\n\x15ListTaskforcesRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x18\n\x10\x63luster_location\x18\x03 \x01(\t\x12&\n\x05phase\x18\x04 \x01(\x0e\x32\x17.ewms.v1.TaskforcePhase\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"Y\n\x16ListTaskforcesResponse\x12&\n\ntaskforces\x18\x01 \x03(\x0b\x32\x12.ewms.v1.Taskforce\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x11ListQueuesRequest\x12\x19\n\x0bworkflow_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x12ListQueuesResponse\x12\x1e\n\x06queues\x18\x01 \x03(\x0b\x32\x0e.ewms.v1.Queue*\x83\x01\n\rWorkflowState\x12\x1e\n\x1aWORKFLOW_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKFLOW_STATE_ACTIVE\x10\x01\x12\x1a\n\x16WORKFLOW_STATE_ABORTED\x10\x02\x12\x1b\n\x17WORKFLOW_STATE_FINISHED\x10\x03*\x8d\x01\n\x0eTaskRunOutcome\x12 \n\x1cTASK_RUN_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_RUN_OUTCOME_RUNNING\x10\x01\x12\x1e\n\x1aTASK_RUN_OUTCOME_SUCCEEDED\x10\x02\x12\x1b\n\x17TASK_RUN_OUTCOME_FAILED\x10\x03\x32\x85\x0c\n\x0fWorkflowService\x12k\n\x0e\x43reateWorkflow\x12\x1e.ewms.v1.CreateWorkflowRequest\x1a\x1f.ewms.v1.CreateWorkflowResponse\"\x18\x82\xd3\xe4\x93\x02\x12\"\r/v1/workflows:\x01*\x12\x62\n\x0bGetWorkflow\x12\x1b.ewms.v1.GetWorkflowRequest\x1a\x11.ewms.v1.Workflow\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/workflows/{workflow_id}\x12\x65\n\rListWorkflows\x12\x1d.ewms.v1.ListWorkflowsRequest\x1a\x1e.ewms.v1.ListWorkflowsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/workflows\x12\x86\x01\n\rAbortWorkflow\x12\x1d.ewms.v1.AbortWorkflowRequest\x1a#.ewms.v1.DeactivateWorkflowResponse\"1\x82\xd3\xe4\x93\x02+\")/v1/workflows/{workflow_id}/actions/abort\x12\x8b\x01\n\x0e\x46inishWorkflow\x12\x1e.ewms.v1.FinishWorkflowRequest\x1a#.ewms.v1.DeactivateWorkflowResponse\"4\x82\xd3\xe4\x93\x02.\",/v1/workflows/{workflow_id}/actions/finished\x12{\n\rWatchWorkflow\x12\x1d.ewms.v1.WatchWorkflowRequest\x1a\x1e.ewms.v1.WatchWorkflowResponse\")\x82\xd3\xe4\x93\x02#\x12!/v1/workflows/{workflow_id}/watch0\x01\x12p\n\x0eWatchWorkflows\x12\x1e.ewms.v1.WatchWorkflowsRequest\x1a\x1f.ewms.v1.WatchWorkflowsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/workflows:watch0\x01\x12s\n\x10GetTaskDirective\x12 .ewms.v1.GetTaskDirectiveRequest\x1a\x16.ewms.v1.TaskDirective\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/task-directives/{task_id}\x12z\n\x12ListTaskDirectives\x12\".ewms.v1.ListTaskDirectivesRequest\x1a#.ewms.v1.ListTaskDirectivesResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/task-directives\x12z\n\nAddWorkers\x12\x1a.ewms.v1.AddWorkersRequest\x1a\x12.ewms.v1.Taskforce\"<\x82\xd3\xe4\x93\x02\x36\"1/v1/task-directives/{task_id}/actions/add-workers:\x01*\x12i\n\x0cGetTaskforce\x12\x1c.ewms.v1.GetTaskforceRequest\x1a\x12.ewms.v1.Taskforce\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/taskforces/{taskforce_uuid}\x12i\n\x0eListTaskforces\x12\x1e.ewms.v1.ListTaskforcesRequest\x1a\x1f.ewms.v1.ListTaskforcesResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/taskforces\x12q\n\nListQueues\x12\x1a.ewms.v1.ListQueuesRequest\x1a\x1b.ewms.v1.ListQueuesResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/workflows/{workflow_id}/queuesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -79,6 +80,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKFLOWSERVICE'].methods_by_name['FinishWorkflow']._serialized_options = b'\202\323\344\223\002.\",/v1/workflows/{workflow_id}/actions/finished'
   _globals['_WORKFLOWSERVICE'].methods_by_name['WatchWorkflow']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['WatchWorkflow']._serialized_options = b'\202\323\344\223\002#\022!/v1/workflows/{workflow_id}/watch'
+  _globals['_WORKFLOWSERVICE'].methods_by_name['WatchWorkflows']._loaded_options = None
+  _globals['_WORKFLOWSERVICE'].methods_by_name['WatchWorkflows']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/workflows:watch'
   _globals['_WORKFLOWSERVICE'].methods_by_name['GetTaskDirective']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['GetTaskDirective']._serialized_options = b'\202\323\344\223\002\037\022\035/v1/task-directives/{task_id}'
   _globals['_WORKFLOWSERVICE'].methods_by_name['ListTaskDirectives']._loaded_options = None
@@ -91,52 +94,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKFLOWSERVICE'].methods_by_name['ListTaskforces']._serialized_options = b'\202\323\344\223\002\020\022\016/v1/taskforces'
   _globals['_WORKFLOWSERVICE'].methods_by_name['ListQueues']._loaded_options = None
   _globals['_WORKFLOWSERVICE'].methods_by_name['ListQueues']._serialized_options = b'\202\323\344\223\002$\022\"/v1/workflows/{workflow_id}/queues'
-  _globals['_WORKFLOWSTATE']._serialized_start=2628
-  _globals['_WORKFLOWSTATE']._serialized_end=2759
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=210
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=339
-  _globals['_TASKSPEC']._serialized_start=342
-  _globals['_TASKSPEC']._serialized_end=896
-  _globals['_TASKSPEC_TASKENVENTRY']._serialized_start=771
-  _globals['_TASKSPEC_TASKENVENTRY']._serialized_end=817
-  _globals['_TASKSPEC_INITENVENTRY']._serialized_start=819
-  _globals['_TASKSPEC_INITENVENTRY']._serialized_end=865
-  _globals['_CREATEWORKFLOWRESPONSE']._serialized_start=899
-  _globals['_CREATEWORKFLOWRESPONSE']._serialized_end=1081
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1083
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1130
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1133
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1351
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1353
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1439
-  _globals['_ABORTWORKFLOWREQUEST']._serialized_start=1441
-  _globals['_ABORTWORKFLOWREQUEST']._serialized_end=1490
-  _globals['_FINISHWORKFLOWREQUEST']._serialized_start=1492
-  _globals['_FINISHWORKFLOWREQUEST']._serialized_end=1542
-  _globals['_DEACTIVATEWORKFLOWRESPONSE']._serialized_start=1544
-  _globals['_DEACTIVATEWORKFLOWRESPONSE']._serialized_end=1652
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1654
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1703
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1706
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1866
-  _globals['_GETTASKDIRECTIVEREQUEST']._serialized_start=1868
-  _globals['_GETTASKDIRECTIVEREQUEST']._serialized_end=1916
-  _globals['_LISTTASKDIRECTIVESREQUEST']._serialized_start=1918
-  _globals['_LISTTASKDIRECTIVESREQUEST']._serialized_end=2005
-  _globals['_LISTTASKDIRECTIVESRESPONSE']._serialized_start=2007
-  _globals['_LISTTASKDIRECTIVESRESPONSE']._serialized_end=2109
-  _globals['_ADDWORKERSREQUEST']._serialized_start=2111
-  _globals['_ADDWORKERSREQUEST']._serialized_end=2210
-  _globals['_GETTASKFORCEREQUEST']._serialized_start=2212
-  _globals['_GETTASKFORCEREQUEST']._serialized_end=2263
-  _globals['_LISTTASKFORCESREQUEST']._serialized_start=2266
-  _globals['_LISTTASKFORCESREQUEST']._serialized_end=2432
-  _globals['_LISTTASKFORCESRESPONSE']._serialized_start=2434
-  _globals['_LISTTASKFORCESRESPONSE']._serialized_end=2523
-  _globals['_LISTQUEUESREQUEST']._serialized_start=2525
-  _globals['_LISTQUEUESREQUEST']._serialized_end=2571
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=2573
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=2625
-  _globals['_WORKFLOWSERVICE']._serialized_start=2762
-  _globals['_WORKFLOWSERVICE']._serialized_end=4189
+  _globals['_WORKFLOWSTATE']._serialized_start=3967
+  _globals['_WORKFLOWSTATE']._serialized_end=4098
+  _globals['_TASKRUNOUTCOME']._serialized_start=4101
+  _globals['_TASKRUNOUTCOME']._serialized_end=4242
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=239
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=368
+  _globals['_TASKSPEC']._serialized_start=371
+  _globals['_TASKSPEC']._serialized_end=925
+  _globals['_TASKSPEC_TASKENVENTRY']._serialized_start=800
+  _globals['_TASKSPEC_TASKENVENTRY']._serialized_end=846
+  _globals['_TASKSPEC_INITENVENTRY']._serialized_start=848
+  _globals['_TASKSPEC_INITENVENTRY']._serialized_end=894
+  _globals['_CREATEWORKFLOWRESPONSE']._serialized_start=928
+  _globals['_CREATEWORKFLOWRESPONSE']._serialized_end=1110
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1112
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1159
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=1162
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=1380
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=1382
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1468
+  _globals['_ABORTWORKFLOWREQUEST']._serialized_start=1470
+  _globals['_ABORTWORKFLOWREQUEST']._serialized_end=1519
+  _globals['_FINISHWORKFLOWREQUEST']._serialized_start=1521
+  _globals['_FINISHWORKFLOWREQUEST']._serialized_end=1571
+  _globals['_DEACTIVATEWORKFLOWRESPONSE']._serialized_start=1573
+  _globals['_DEACTIVATEWORKFLOWRESPONSE']._serialized_end=1681
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1683
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1763
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1766
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=2112
+  _globals['_TASKRUN']._serialized_start=2115
+  _globals['_TASKRUN']._serialized_end=2377
+  _globals['_THROUGHPUTBUCKET']._serialized_start=2379
+  _globals['_THROUGHPUTBUCKET']._serialized_end=2492
+  _globals['_TASKERROREXAMPLE']._serialized_start=2494
+  _globals['_TASKERROREXAMPLE']._serialized_end=2593
+  _globals['_TASKACTIVITYWINDOW']._serialized_start=2595
+  _globals['_TASKACTIVITYWINDOW']._serialized_end=2708
+  _globals['_WATCHWORKFLOWSREQUEST']._serialized_start=2710
+  _globals['_WATCHWORKFLOWSREQUEST']._serialized_end=2806
+  _globals['_WATCHWORKFLOWSRESPONSE']._serialized_start=2808
+  _globals['_WATCHWORKFLOWSRESPONSE']._serialized_end=2925
+  _globals['_WORKFLOWSUMMARY']._serialized_start=2927
+  _globals['_WORKFLOWSUMMARY']._serialized_end=3026
+  _globals['_WORKFLOWPROGRESS']._serialized_start=3029
+  _globals['_WORKFLOWPROGRESS']._serialized_end=3205
+  _globals['_GETTASKDIRECTIVEREQUEST']._serialized_start=3207
+  _globals['_GETTASKDIRECTIVEREQUEST']._serialized_end=3255
+  _globals['_LISTTASKDIRECTIVESREQUEST']._serialized_start=3257
+  _globals['_LISTTASKDIRECTIVESREQUEST']._serialized_end=3344
+  _globals['_LISTTASKDIRECTIVESRESPONSE']._serialized_start=3346
+  _globals['_LISTTASKDIRECTIVESRESPONSE']._serialized_end=3448
+  _globals['_ADDWORKERSREQUEST']._serialized_start=3450
+  _globals['_ADDWORKERSREQUEST']._serialized_end=3549
+  _globals['_GETTASKFORCEREQUEST']._serialized_start=3551
+  _globals['_GETTASKFORCEREQUEST']._serialized_end=3602
+  _globals['_LISTTASKFORCESREQUEST']._serialized_start=3605
+  _globals['_LISTTASKFORCESREQUEST']._serialized_end=3771
+  _globals['_LISTTASKFORCESRESPONSE']._serialized_start=3773
+  _globals['_LISTTASKFORCESRESPONSE']._serialized_end=3862
+  _globals['_LISTQUEUESREQUEST']._serialized_start=3864
+  _globals['_LISTQUEUESREQUEST']._serialized_end=3910
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=3912
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=3964
+  _globals['_WORKFLOWSERVICE']._serialized_start=4245
+  _globals['_WORKFLOWSERVICE']._serialized_end=5786
 # @@protoc_insertion_point(module_scope)

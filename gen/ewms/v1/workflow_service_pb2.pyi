@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from ewms.v1 import pilot_service_pb2 as _pilot_service_pb2
 from ewms.v1 import queue_pb2 as _queue_pb2
 from ewms.v1 import taskforce_pb2 as _taskforce_pb2
 from ewms.v1 import workflow_pb2 as _workflow_pb2
@@ -50,6 +51,34 @@ WORKFLOW_STATE_ABORTED: WorkflowState.ValueType  # 2
 WORKFLOW_STATE_FINISHED: WorkflowState.ValueType  # 3
 """Deactivated as FINISHED."""
 Global___WorkflowState: _TypeAlias = WorkflowState  # noqa: Y015
+
+class _TaskRunOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskRunOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskRunOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_RUN_OUTCOME_UNSPECIFIED: _TaskRunOutcome.ValueType  # 0
+    """Not set."""
+    TASK_RUN_OUTCOME_RUNNING: _TaskRunOutcome.ValueType  # 1
+    """Started and not ended yet."""
+    TASK_RUN_OUTCOME_SUCCEEDED: _TaskRunOutcome.ValueType  # 2
+    """Succeeded: its outputs are published and its input acked."""
+    TASK_RUN_OUTCOME_FAILED: _TaskRunOutcome.ValueType  # 3
+    """Failed: its input was nacked (retried or dead-lettered)."""
+
+class TaskRunOutcome(_TaskRunOutcome, metaclass=_TaskRunOutcomeEnumTypeWrapper):
+    """How a task run ended, as far as the WMS knows."""
+
+TASK_RUN_OUTCOME_UNSPECIFIED: TaskRunOutcome.ValueType  # 0
+"""Not set."""
+TASK_RUN_OUTCOME_RUNNING: TaskRunOutcome.ValueType  # 1
+"""Started and not ended yet."""
+TASK_RUN_OUTCOME_SUCCEEDED: TaskRunOutcome.ValueType  # 2
+"""Succeeded: its outputs are published and its input acked."""
+TASK_RUN_OUTCOME_FAILED: TaskRunOutcome.ValueType  # 3
+"""Failed: its input was nacked (retried or dead-lettered)."""
+Global___TaskRunOutcome: _TypeAlias = TaskRunOutcome  # noqa: Y015
 
 @_typing.final
 class CreateWorkflowRequest(_message.Message):
@@ -441,16 +470,22 @@ class WatchWorkflowRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_TASK_ACTIVITY_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow's id."""
+    include_task_activity: _builtins.bool
+    """Also stream task activity from the WMS's recent window (task_runs, throughput, task_errors):
+    what a dashboard draws. Off by default: a watch then carries state changes only.
+    """
     def __init__(
         self,
         *,
         workflow_id: _builtins.str = ...,
+        include_task_activity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_task_activity", b"include_task_activity", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,6 +501,10 @@ class WatchWorkflowResponse(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     TASKFORCES_FIELD_NUMBER: _builtins.int
     QUEUE_STATS_FIELD_NUMBER: _builtins.int
+    TASK_RUNS_FIELD_NUMBER: _builtins.int
+    THROUGHPUT_FIELD_NUMBER: _builtins.int
+    TASK_ERRORS_FIELD_NUMBER: _builtins.int
+    ACTIVITY_WINDOW_FIELD_NUMBER: _builtins.int
     snapshot: _builtins.bool
     """Whether this message is the full snapshot (true for the first message only)."""
     @_builtins.property
@@ -480,6 +519,28 @@ class WatchWorkflowResponse(_message.Message):
     def queue_stats(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.QueueStats]:
         """Queue counters that changed (all of them in the snapshot)."""
 
+    @_builtins.property
+    def task_runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskRun]:
+        """With include_task_activity: task runs that started or ended since the last message (in the
+        snapshot, the whole recent window), oldest first. A run is sent again when it ends.
+        """
+
+    @_builtins.property
+    def throughput(self) -> _containers.RepeatedCompositeFieldContainer[Global___ThroughputBucket]:
+        """With include_task_activity: throughput buckets that changed (in the snapshot, every bucket of
+        the last hour that has a task in it), oldest first.
+        """
+
+    @_builtins.property
+    def task_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskErrorExample]:
+        """With include_task_activity: task errors whose count or latest example changed (in the snapshot,
+        all of them), most frequent first.
+        """
+
+    @_builtins.property
+    def activity_window(self) -> Global___TaskActivityWindow:
+        """With include_task_activity, in the snapshot only: how the WMS bounds the window."""
+
     def __init__(
         self,
         *,
@@ -487,14 +548,326 @@ class WatchWorkflowResponse(_message.Message):
         workflow: _workflow_pb2.Workflow | None = ...,
         taskforces: _abc.Iterable[_taskforce_pb2.Taskforce] | None = ...,
         queue_stats: _abc.Iterable[_queue_pb2.QueueStats] | None = ...,
+        task_runs: _abc.Iterable[Global___TaskRun] | None = ...,
+        throughput: _abc.Iterable[Global___ThroughputBucket] | None = ...,
+        task_errors: _abc.Iterable[Global___TaskErrorExample] | None = ...,
+        activity_window: Global___TaskActivityWindow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["workflow", b"workflow"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_window", b"activity_window", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_stats", b"queue_stats", "snapshot", b"snapshot", "taskforces", b"taskforces", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_window", b"activity_window", "queue_stats", b"queue_stats", "snapshot", b"snapshot", "task_errors", b"task_errors", "task_runs", b"task_runs", "taskforces", b"taskforces", "throughput", b"throughput", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchWorkflowResponse: _TypeAlias = WatchWorkflowResponse  # noqa: Y015
+
+@_typing.final
+class TaskRun(_message.Message):
+    """One task run (one event on one worker), from its pilot's lifecycle events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKFORCE_UUID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    ERROR_SUMMARY_FIELD_NUMBER: _builtins.int
+    taskforce_uuid: _builtins.str
+    """The taskforce of the worker."""
+    worker_id: _builtins.str
+    """The worker (HTCondor "cluster.proc", or the local worker's id)."""
+    event_id: _builtins.str
+    """The input event."""
+    outcome: Global___TaskRunOutcome.ValueType
+    """How it ended."""
+    error_summary: _builtins.str
+    """The first line of its error (FAILED only); the key of task_errors."""
+    @_builtins.property
+    def started(self) -> _timestamp_pb2.Timestamp:
+        """When the task started; unset if the WMS saw only its end."""
+
+    @_builtins.property
+    def ended(self) -> _timestamp_pb2.Timestamp:
+        """When it ended; unset while it runs."""
+
+    @_builtins.property
+    def metrics(self) -> _pilot_service_pb2.TaskMetrics:
+        """Resource use, once ended."""
+
+    def __init__(
+        self,
+        *,
+        taskforce_uuid: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        started: _timestamp_pb2.Timestamp | None = ...,
+        ended: _timestamp_pb2.Timestamp | None = ...,
+        outcome: Global___TaskRunOutcome.ValueType = ...,
+        metrics: _pilot_service_pb2.TaskMetrics | None = ...,
+        error_summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "metrics", b"metrics", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "error_summary", b"error_summary", "event_id", b"event_id", "metrics", b"metrics", "outcome", b"outcome", "started", b"started", "taskforce_uuid", b"taskforce_uuid", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskRun: _TypeAlias = TaskRun  # noqa: Y015
+
+@_typing.final
+class ThroughputBucket(_message.Message):
+    """Task runs that ended within one interval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.int
+    """Its length in seconds."""
+    succeeded: _builtins.int
+    """Task runs that succeeded in it."""
+    failed: _builtins.int
+    """Task runs that failed in it."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the interval."""
+
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        seconds: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "seconds", b"seconds", "start", b"start", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThroughputBucket: _TypeAlias = ThroughputBucket  # noqa: Y015
+
+@_typing.final
+class TaskErrorExample(_message.Message):
+    """One task error (by its first line) and the latest run that failed with it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LATEST_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    summary: _builtins.str
+    """The error's first line."""
+    count: _builtins.int
+    """Failed task runs with this first line since the WMS started."""
+    error: _builtins.str
+    """That run's whole error: how it ended and the end of its stderr (at most 4 KiB)."""
+    @_builtins.property
+    def latest(self) -> Global___TaskRun:
+        """The latest run that failed with it."""
+
+    def __init__(
+        self,
+        *,
+        summary: _builtins.str = ...,
+        count: _builtins.int = ...,
+        latest: Global___TaskRun | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latest", b"latest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error", b"error", "latest", b"latest", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskErrorExample: _TypeAlias = TaskErrorExample  # noqa: Y015
+
+@_typing.final
+class TaskActivityWindow(_message.Message):
+    """The bounds of the WMS's in-memory window of task activity for a workflow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_TASK_RUNS_FIELD_NUMBER: _builtins.int
+    BUCKET_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_BUCKETS_FIELD_NUMBER: _builtins.int
+    MAX_TASK_ERRORS_FIELD_NUMBER: _builtins.int
+    max_task_runs: _builtins.int
+    """The most task runs kept (the oldest ended ones are dropped first)."""
+    bucket_seconds: _builtins.int
+    """Length of a throughput bucket, seconds."""
+    max_buckets: _builtins.int
+    """How many buckets are kept (bucket_seconds x this is the throughput history)."""
+    max_task_errors: _builtins.int
+    """The most distinct task errors kept (the least recent dropped first)."""
+    def __init__(
+        self,
+        *,
+        max_task_runs: _builtins.int = ...,
+        bucket_seconds: _builtins.int = ...,
+        max_buckets: _builtins.int = ...,
+        max_task_errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_seconds", b"bucket_seconds", "max_buckets", b"max_buckets", "max_task_errors", b"max_task_errors", "max_task_runs", b"max_task_runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskActivityWindow: _TypeAlias = TaskActivityWindow  # noqa: Y015
+
+@_typing.final
+class WatchWorkflowsRequest(_message.Message):
+    """Which workflows to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    state: Global___WorkflowState.ValueType
+    """Only workflows in this state; any when unspecified."""
+    owner: _builtins.str
+    """Only this owner's workflows. Admins only; users always see just their own."""
+    page_size: _builtins.int
+    """At most this many workflows, the newest (1..1000); default 200."""
+    def __init__(
+        self,
+        *,
+        state: Global___WorkflowState.ValueType = ...,
+        owner: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkflowsRequest: _TypeAlias = WatchWorkflowsRequest  # noqa: Y015
+
+@_typing.final
+class WatchWorkflowsResponse(_message.Message):
+    """One message of a workflows watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    WORKFLOWS_FIELD_NUMBER: _builtins.int
+    REMOVED_WORKFLOW_IDS_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bool
+    """Whether this message is the full snapshot (true for the first message only)."""
+    @_builtins.property
+    def workflows(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkflowSummary]:
+        """Workflows that appeared or changed (all of them in the snapshot), newest first."""
+
+    @_builtins.property
+    def removed_workflow_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Workflows that no longer match the request (their state changed, or newer ones pushed them
+        out of page_size).
+        """
+
+    def __init__(
+        self,
+        *,
+        snapshot: _builtins.bool = ...,
+        workflows: _abc.Iterable[Global___WorkflowSummary] | None = ...,
+        removed_workflow_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_workflow_ids", b"removed_workflow_ids", "snapshot", b"snapshot", "workflows", b"workflows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchWorkflowsResponse: _TypeAlias = WatchWorkflowsResponse  # noqa: Y015
+
+@_typing.final
+class WorkflowSummary(_message.Message):
+    """A workflow and its progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workflow(self) -> _workflow_pb2.Workflow:
+        """The workflow."""
+
+    @_builtins.property
+    def progress(self) -> Global___WorkflowProgress:
+        """Its progress."""
+
+    def __init__(
+        self,
+        *,
+        workflow: _workflow_pb2.Workflow | None = ...,
+        progress: Global___WorkflowProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkflowSummary: _TypeAlias = WorkflowSummary  # noqa: Y015
+
+@_typing.final
+class WorkflowProgress(_message.Message):
+    """How far a workflow has got, summed over the input queues of its tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLISHED_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    WORKERS_TASKING_FIELD_NUMBER: _builtins.int
+    TASKFORCES_ACTIVE_FIELD_NUMBER: _builtins.int
+    published: _builtins.int
+    """Events published to the tasks' input queues."""
+    done: _builtins.int
+    """Of those, done: acked after their task succeeded."""
+    failed: _builtins.int
+    """Task runs that failed (an event may fail several times before it succeeds or is dead-lettered)."""
+    dead_lettered: _builtins.int
+    """Events now dead-lettered."""
+    in_flight: _builtins.int
+    """Events being processed (delivered, not yet acked or nacked)."""
+    ready: _builtins.int
+    """Events waiting in the input queues."""
+    workers_tasking: _builtins.int
+    """Workers whose pilot is tasking, over all taskforces."""
+    taskforces_active: _builtins.int
+    """Taskforces not yet in a final phase."""
+    def __init__(
+        self,
+        *,
+        published: _builtins.int = ...,
+        done: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        dead_lettered: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        ready: _builtins.int = ...,
+        workers_tasking: _builtins.int = ...,
+        taskforces_active: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "done", b"done", "failed", b"failed", "in_flight", b"in_flight", "published", b"published", "ready", b"ready", "taskforces_active", b"taskforces_active", "workers_tasking", b"workers_tasking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkflowProgress: _TypeAlias = WorkflowProgress  # noqa: Y015
 
 @_typing.final
 class GetTaskDirectiveRequest(_message.Message):

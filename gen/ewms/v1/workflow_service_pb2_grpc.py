@@ -68,6 +68,11 @@ class WorkflowServiceStub:
                 request_serializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
                 response_deserializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.FromString,
                 _registered_method=True)
+        self.WatchWorkflows = channel.unary_stream(
+                '/ewms.v1.WorkflowService/WatchWorkflows',
+                request_serializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.SerializeToString,
+                response_deserializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.FromString,
+                _registered_method=True)
         self.GetTaskDirective = channel.unary_unary(
                 '/ewms.v1.WorkflowService/GetTaskDirective',
                 request_serializer=ewms_dot_v1_dot_workflow__service__pb2.GetTaskDirectiveRequest.SerializeToString,
@@ -152,6 +157,15 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchWorkflows(self, request, context):
+        """Streams the caller's workflows (admins: everyone's, or one owner's), newest first, each with its
+        progress: a snapshot, then each workflow that appeared or whose state or progress changed, at
+        most one message per second. Runs until the client cancels. The dashboard's workflows page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTaskDirective(self, request, context):
         """Returns one task directive.
         """
@@ -227,6 +241,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflow,
                     request_deserializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.FromString,
                     response_serializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.SerializeToString,
+            ),
+            'WatchWorkflows': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchWorkflows,
+                    request_deserializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.FromString,
+                    response_serializer=ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.SerializeToString,
             ),
             'GetTaskDirective': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaskDirective,
@@ -423,6 +442,33 @@ class WorkflowService:
             '/ewms.v1.WorkflowService/WatchWorkflow',
             ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
             ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchWorkflows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ewms.v1.WorkflowService/WatchWorkflows',
+            ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.SerializeToString,
+            ewms_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

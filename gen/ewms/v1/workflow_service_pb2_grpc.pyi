@@ -58,6 +58,11 @@ class WorkflowServiceStub:
     """Streams a full snapshot of the workflow, then every change (phases, compound statuses, counters,
     errors) as it happens, until the workflow's taskforces have all ended or the client cancels.
     """
+    WatchWorkflows: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowsRequest, _workflow_service_pb2.WatchWorkflowsResponse]
+    """Streams the caller's workflows (admins: everyone's, or one owner's), newest first, each with its
+    progress: a snapshot, then each workflow that appeared or whose state or progress changed, at
+    most one message per second. Runs until the client cancels. The dashboard's workflows page.
+    """
     GetTaskDirective: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetTaskDirectiveRequest, _workflow_pb2.TaskDirective]
     """Returns one task directive."""
     ListTaskDirectives: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListTaskDirectivesRequest, _workflow_service_pb2.ListTaskDirectivesResponse]
@@ -100,6 +105,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     WatchWorkflow: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowRequest, _workflow_service_pb2.WatchWorkflowResponse]  # type: ignore[assignment]
     """Streams a full snapshot of the workflow, then every change (phases, compound statuses, counters,
     errors) as it happens, until the workflow's taskforces have all ended or the client cancels.
+    """
+    WatchWorkflows: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowsRequest, _workflow_service_pb2.WatchWorkflowsResponse]  # type: ignore[assignment]
+    """Streams the caller's workflows (admins: everyone's, or one owner's), newest first, each with its
+    progress: a snapshot, then each workflow that appeared or whose state or progress changed, at
+    most one message per second. Runs until the client cancels. The dashboard's workflows page.
     """
     GetTaskDirective: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetTaskDirectiveRequest, _workflow_pb2.TaskDirective]  # type: ignore[assignment]
     """Returns one task directive."""
@@ -176,6 +186,17 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.WatchWorkflowResponse], _abc.AsyncIterator[_workflow_service_pb2.WatchWorkflowResponse]]:
         """Streams a full snapshot of the workflow, then every change (phases, compound statuses, counters,
         errors) as it happens, until the workflow's taskforces have all ended or the client cancels.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchWorkflows(
+        self,
+        request: _workflow_service_pb2.WatchWorkflowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.WatchWorkflowsResponse], _abc.AsyncIterator[_workflow_service_pb2.WatchWorkflowsResponse]]:
+        """Streams the caller's workflows (admins: everyone's, or one owner's), newest first, each with its
+        progress: a snapshot, then each workflow that appeared or whose state or progress changed, at
+        most one message per second. Runs until the client cancels. The dashboard's workflows page.
         """
 
     @_abc_1.abstractmethod

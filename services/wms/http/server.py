@@ -54,7 +54,7 @@ def max_body_bytes(settings: WmsSettings) -> int:
 
 def build_app(deps: HttpDeps) -> web.Application:
     """The whole HTTP face, every part registered on one application."""
-    from services.wms.http import gateway, health, metrics, openapi, original, status
+    from services.wms.http import gateway, health, metrics, openapi, original, status, ui
 
     app = web.Application(client_max_size=max_body_bytes(deps.settings))
     app[DEPS] = deps
@@ -65,6 +65,7 @@ def build_app(deps: HttpDeps) -> web.Application:
     openapi.add_routes(app)
     original.add_routes(app, deps.settings.original_base_path)
     gateway.add_routes(app)
+    ui.add_routes(app)
     return app
 
 

@@ -21,7 +21,7 @@ import enum
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 import grpc
@@ -101,8 +101,17 @@ class PilotQueues(NamedTuple):
 class EventService(event_service_pb2_grpc.EventServiceServicer):
     """Events in and out of queues, for users and pilots."""
 
-    def __init__(self, store: Store, queues: QueueManager, max_event_bytes: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        queues: QueueManager,
+        max_event_bytes: int,
+        on_queues_changed: Callable[[str], None] | None = None,
+    ) -> None:
         self._store = store
+        # Told the workflow's id after a publish or re-drive through the WMS (watchers refresh
+        # their queue counters).
+        self._on_queues_changed = on_queues_changed
         self._queues = queues
         self._max_event_bytes = max_event_bytes
         # Queues a pilot token's taskforce may use, by taskforce uuid (they never change).
@@ -185,6 +194,8 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             if principal.role is Role.PILOT:
                 event.provenance.taskforce_uuid = principal.scope
         event_ids = await self._queues.broker(queue).publish(queue, events)
+        if self._on_queues_changed is not None:
+            self._on_queues_changed(queue.workflow_id)
         return event_service_pb2.PublishResponse(event_ids=event_ids)
 
     def _validate_events(self, request: event_service_pb2.PublishRequest) -> None:
@@ -431,6 +442,8 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                 f"workflow {wf.workflow_id} is deactivated; its dead letters cannot be re-driven"
             )
         n = await self._queues.broker(queue).redrive(queue, list(request.event_ids))
+        if self._on_queues_changed is not None:
+            self._on_queues_changed(queue.workflow_id)
         return event_service_pb2.RedriveDeadLettersResponse(n_redriven=n)
 
 

@@ -170,6 +170,7 @@ RECIPES: dict[str, Recipe] = {
     "ewms.v1.WorkflowService.AbortWorkflow": no_body,
     "ewms.v1.WorkflowService.FinishWorkflow": no_body,
     "ewms.v1.WorkflowService.WatchWorkflow": no_body,
+    "ewms.v1.WorkflowService.WatchWorkflows": no_body,
     "ewms.v1.WorkflowService.GetTaskDirective": no_body,
     "ewms.v1.WorkflowService.ListTaskDirectives": no_body,
     "ewms.v1.WorkflowService.AddWorkers": add_workers_body,
