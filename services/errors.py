@@ -201,6 +201,12 @@ class PortInUse(OSError):
     ``ewms wms serve`` prints it and exits 1."""
 
 
+class DataDirInUse(OSError):
+    """Another WMS serves from the same data directory (it holds the directory's lock): two would
+    hand out the same queue sequence numbers and deliver events twice. ``ewms wms serve`` and
+    ``ewms up`` print it and exit 1."""
+
+
 def grpc_errors(method: F) -> F:
     """Decorate a servicer method: ApiError becomes its rich status; anything else is logged and
     becomes INTERNAL, so no traceback text leaks to callers."""

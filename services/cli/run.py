@@ -39,6 +39,7 @@ from services.cli.output_file import OutputError, OutputFile
 from services.cli.watch import WorkflowView
 from services.cli.workflows import UsageError, read_request
 from services.config import ClientSettings
+from services.errors import DataDirInUse, PortInUse
 from services.events.amqp import AmqpQueueClient
 from services.events.client import EventTooLarge, QueueClient, QueueError
 from services.events.grpc_client import GrpcQueueClient, channel_options
@@ -127,6 +128,9 @@ def run_command(args: Any) -> int:
         return asyncio.run(_until_signalled(_run(args, request, lines, settings, in_alias, out)))
     except KeyboardInterrupt:
         return 130
+    except (PortInUse, DataDirInUse) as exc:  # its embedded WMS could not start
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def input_alias(request: WS.CreateWorkflowRequest, in_queue: str | None) -> str:

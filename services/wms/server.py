@@ -4,10 +4,13 @@ SQLite store."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,8 +32,9 @@ from ewms.v1 import (
 )
 from services.auth import TokenAuthority, ensure_admin_token, load_or_create_secret
 from services.config import WmsSettings
-from services.errors import PortInUse
+from services.errors import DataDirInUse, PortInUse
 from services.oidc import OidcVerifier
+from services.private_files import PRIVATE_FILE, private_dir
 from services.wms.auth_interceptor import AuthInterceptor
 from services.wms.control.activity import TaskActivity
 from services.wms.control.overview import WorkflowsOverview
@@ -79,6 +83,8 @@ class RunningWms:
     dispatcher: Dispatcher
     hub: WatchHub
     http: HttpServer
+    # The data directory's lock (see lock_data_dir), released once the store is closed.
+    lock_fd: int = -1
 
     @property
     def address(self) -> str:
@@ -101,10 +107,52 @@ class RunningWms:
         await self.server.stop(grace)
         await self.queues.close()
         await self.store.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+LOCK_FILE = "wms.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold the data directory's lock (``wms.lock``, an exclusive ``flock`` kept for the life of
+    the returned descriptor, released by the kernel even on ``kill -9``), or raise DataDirInUse
+    naming the directory and the holder's pid."""
+    private_dir(data_dir)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirInUse(
+            f"another WMS (pid {holder}) is serving from the data directory {data_dir}; stop it, "
+            "or give this one another data directory (--data-dir or EWMS_DATA_DIR)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 async def start_wms(settings: WmsSettings) -> RunningWms:
-    """Open the store, create the auth secret and admin token if needed, and start serving."""
+    """Lock the data directory, open the store, create the auth secret and admin token if
+    needed, and start serving."""
+    lock_fd = lock_data_dir(settings.data_dir)
+    try:
+        wms = await _start_wms(settings)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    wms.lock_fd = lock_fd
+    return wms
+
+
+async def _start_wms(settings: WmsSettings) -> RunningWms:
     secret = load_or_create_secret(settings.data_dir)
     authority = TokenAuthority(secret, OidcVerifier.from_settings(settings))
     admin_token_path = ensure_admin_token(settings.data_dir, authority)

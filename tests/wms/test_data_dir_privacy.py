@@ -4,6 +4,7 @@ looser is tightened at start; what cannot be (another user owns it) is a clear e
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import stat
@@ -20,6 +21,7 @@ from structlog.testing import capture_logs
 from ewms.v1 import workflow_service_pb2, workflow_service_pb2_grpc
 from services.auth import ADMIN_TOKEN_FILE, SECRET_FILE, Role
 from services.cli import main as ewms
+from services.errors import DataDirInUse
 from services.local_stack import start_local_stack
 from services.wms import RunningWms, start_wms
 from services.wms.store import DB_FILE
@@ -207,3 +209,39 @@ def test_data_dir_of_another_user_is_an_error_naming_it(root_owned_loose_dir: Pa
     assert f"cannot make {root_owned_loose_dir} private" in stderr
     assert "owned by uid 0, not by this user (uid 65534)" in stderr
     assert mode(root_owned_loose_dir) == 0o755
+
+
+async def test_a_second_wms_on_the_same_data_dir_is_refused_naming_it(tmp_path: Path) -> None:
+    """Two WMSs on one data directory would hand out the same queue sequence numbers and deliver
+    events twice: the second is refused, in-process and from the CLI (exit 1, no traceback), until
+    the first has stopped."""
+    data_dir = tmp_path / "wms-data"
+    first = await start_wms(wms_settings(data_dir))
+    try:
+        with pytest.raises(DataDirInUse) as refused:
+            await start_wms(wms_settings(data_dir))
+        assert f"another WMS (pid {os.getpid()}) is serving from the data directory {data_dir}" in (
+            str(refused.value)
+        )
+        args = ["wms", "serve", "--port", "0", "--http-port", "0", "--data-dir", str(data_dir)]
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli",
+            *args,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "gen")])},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(cli.communicate(), 60)
+        stderr = err.decode()
+        assert cli.returncode == 1, stderr
+        assert f"error: another WMS (pid {os.getpid()}) is serving from the data directory" in (
+            stderr
+        )
+        assert "Traceback" not in stderr
+        assert mode(data_dir / "wms.lock") == 0o600
+    finally:
+        await first.stop(grace=None)
+    again = await start_wms(wms_settings(data_dir))
+    await again.stop(grace=None)
