@@ -7,8 +7,18 @@ written), and finishes the workflow once every input is settled. Without ``--wms
 embedded WMS and a local TMS in this process. Completion is event-driven: each output and each
 WatchWorkflow change triggers a check of the queues' counters in pipeline order (a stage acks its
 input only after publishing its outputs, so when a queue is settled its outputs are already
-counted downstream). When it fails it says why (services/cli/run_report.py) and keeps its
-directory, pilot logs included.
+counted downstream): the embedded broker's exact counters, or on RabbitMQ the exact verdict of
+services/cli/settlement.py (no management statistics, no quiet period). When it fails it says
+why (services/cli/run_report.py) and keeps its directory, pilot logs included.
+
+Its memory does not grow with the number of events. The input is streamed
+(services/cli/input_file.py: checked in a first pass, read again while publishing). Publishing is
+flow-controlled: one Publish call at a time (the WMS answers once the batch is durably stored),
+and at most MAX_UNSETTLED events or MAX_UNSETTLED_BYTES of payload published and not yet settled
+(outputs not yet collected count too), so the broker's queues stay bounded too. Nothing is kept
+per event: each input event's id names its line (``EV-<run nonce>-<line>``), so a dead letter is
+traced to its input line from its id alone, and the ids of the outputs written are kept on disk
+(services/cli/seen_outputs.py).
 """
 
 from __future__ import annotations
@@ -17,12 +27,14 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections import deque
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +45,13 @@ from ewms.v1 import queue_pb2, taskforce_pb2, workflow_service_pb2_grpc
 from ewms.v1 import workflow_service_pb2 as WS
 from services.cli import run_report
 from services.cli.connection import resolve_token
-from services.cli.events import CommandError, event_json, read_lines
+from services.cli.events import CommandError, event_json
+from services.cli.input_file import InputChanged, InputFile
 from services.cli.options import Parents, positive_int
 from services.cli.output_file import OutputError, OutputFile
+from services.cli.run_progress import MODES, Progress, Snapshot, resolve_mode
+from services.cli.seen_outputs import SeenOutputs
+from services.cli.settlement import PassiveCounts, Settlement, stages_of
 from services.cli.watch import WorkflowView
 from services.cli.workflows import UsageError, read_request
 from services.config import ClientSettings
@@ -47,17 +63,19 @@ from services.logs import configure_logging
 from services.pilot.config import amqp_url
 from services.tms.pilot_env import broker_address as _broker_address
 
-OUTPUT_PREFETCH = 256
+OUTPUT_PREFETCH = 256  # at most; fewer for big events (OUTPUT_BUFFER_BYTES)
+OUTPUT_BUFFER_BYTES = 8 * 1024 * 1024
+PUBLISH_BATCH = 1000  # events per Publish call
+PUBLISH_BATCH_BYTES = 1024 * 1024
+MAX_UNSETTLED = 10_000  # events published and not yet settled (the embedded broker's memory)
+MAX_UNSETTLED_BYTES = 16 * 1024 * 1024
+MONITOR_INTERVAL = 0.1  # input queue stats at most this often while they are wanted
+MONITOR_IDLE = 1.0  # and at least this often
 FINISH_TIMEOUT = 120.0
 CHECK_INTERVAL = 0.05
 EXIT_WMS_UNREACHABLE = 6  # as every client command (services/cli/__init__.py)
 RECHECK_FIRST = 0.25
 RECHECK_MAX = 2.0
-# RabbitMQ drops the counts a channel made since the management plugin last collected them
-# (every 5 s) when the channel closes, so `acked` can stay short of what was acked. Queues seen
-# with nothing ready and nothing in flight at every check for this long (two full refreshes of
-# the in-flight counter) are settled whatever `acked` says.
-QUIET_SETTLED = 12.0
 
 
 def add_commands(sub: Any, parents: Parents) -> None:
@@ -87,7 +105,15 @@ def add_commands(sub: Any, parents: Parents) -> None:
         type=positive_int,
         help="the embedded local TMS's workers at once (default: the CPUs); not with --wms",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    p.add_argument(
+        "--progress",
+        choices=MODES,
+        default="auto",
+        help="bar: a progress bar with the rate and an ETA; json: one JSON object a second on "
+        'stderr (with a "progress" key: "running", then "final"); none; auto (the '
+        "default): a bar on a terminal, else none",
+    )
+    p.add_argument("--no-progress", action="store_true", help="the same as --progress none")
     p.add_argument(
         "--wms",
         metavar="ADDRESS",
@@ -121,16 +147,22 @@ def run_command(args: Any) -> int:
     in_alias = input_alias(request, args.in_queue)
     out = OutputFile(args.outfile)
     out.check()
-    lines = read_lines(args.infile, text=args.text, max_event_bytes=settings.max_event_bytes)
+    started = time.monotonic()
+    source = InputFile(args.infile, text=args.text, max_event_bytes=settings.max_event_bytes)
+    source.check()  # every line, before anything starts; keeps none of them
     if not args.wms:
         configure_logging(os.environ.get("EWMS_LOG_LEVEL", "WARNING"))
     try:
-        return asyncio.run(_until_signalled(_run(args, request, lines, settings, in_alias, out)))
+        return asyncio.run(
+            _until_signalled(_run(args, request, source, settings, in_alias, out, started))
+        )
     except KeyboardInterrupt:
         return 130
     except (PortInUse, DataDirInUse) as exc:  # its embedded WMS could not start
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        source.close()
 
 
 def input_alias(request: WS.CreateWorkflowRequest, in_queue: str | None) -> str:
@@ -181,10 +213,11 @@ async def _until_signalled(work: Coroutine[Any, Any, int]) -> int:
 async def _run(
     args: Any,
     request: WS.CreateWorkflowRequest,
-    lines: Sequence[Any],
+    source: InputFile,
     settings: ClientSettings,
     in_alias: str,
     out: OutputFile,
+    started: float,
 ) -> int:
     stack = None
     run_dir: Path | None = None
@@ -209,7 +242,7 @@ async def _run(
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         address, token = stack.address, stack.token
-    run = WorkflowRun(address, token, args, lines, in_alias, out, run_dir)
+    run = WorkflowRun(address, token, args, source, in_alias, out, run_dir, started)
     code = 1
     try:
         code = await run.execute(request)
@@ -243,32 +276,51 @@ class WorkflowRun:
         address: str,
         token: str,
         args: Any,
-        lines: Sequence[Any],
+        source: InputFile,
         in_alias: str,
         out: OutputFile,
         run_dir: Path | None,
+        started: float | None = None,
     ) -> None:
         self.address = address
         self.token = token
         self.args = args
-        self.lines = lines
+        self.source = source
+        self.n_events = source.n_events
         self.in_alias = in_alias
         self.out = out
         self.run_dir = run_dir
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.view = WorkflowView()
         self.outputs_written = 0
-        self.seen: set[str] = set()
-        self.line_of: dict[str, int] = {}
+        # Input event ids name their line: EV-<nonce>-<line> (nothing kept per event).
+        self.id_prefix = f"EV-{secrets.token_hex(8)}-"
+        self.n_published = 0
+        # (events published, payload bytes published) after each Publish call, while unsettled.
+        self.publish_marks: deque[tuple[int, int]] = deque()
+        self.bytes_published = 0
+        self.bytes_settled = 0
+        self.input_stats: queue_pb2.QueueStats | None = None
         self.settled_inputs = 0
-        self.unsettled_inputs = len(lines)
+        self.done_inputs = 0  # settled and not dead-lettered, by the input queue's counters
+        self.output_backlog = 0  # outputs ready or in flight to this process (while publishing)
+        self.unsettled_inputs = self.n_events
         self.published = asyncio.Event()
-        self.quiet_since: float | None = None
+        # On RabbitMQ: the exact completion verdict (services/cli/settlement.py), and the output
+        # subscriptions its fence closes (collecting while `outputs_open` is set).
+        self.settlement: Settlement | None = None
+        self.exact_input: queue_pb2.QueueStats | None = None  # its counters once settled
+        self.output_subs: dict[str, Any] = {}
+        self.outputs_open = asyncio.Event()
+        self.outputs_open.set()
         self.done = asyncio.Event()
         self.check_wanted = asyncio.Event()
         self.failure = ""
-        self.progress = bool(sys.stderr.isatty() and not args.no_progress)
-        self.last_draw = 0.0
+        mode = resolve_mode(getattr(args, "progress", "auto"), args.no_progress, sys.stderr)
+        self.meter = Progress(mode, time.monotonic() if started is None else started)
+        self.progress = mode != "none"
+        self.stats_wanted = asyncio.Event()
+        self.final_shown = False
         self.workflow_id = ""
         self.lost = False
 
@@ -299,6 +351,7 @@ class WorkflowRun:
                 if self.events is not self.queues:
                     await self.events.close()
         finally:
+            self._final()  # also after an interruption or an error
             await channel.close()
 
     def _plan(self, created: WS.CreateWorkflowResponse) -> None:
@@ -323,37 +376,24 @@ class WorkflowRun:
             frontier = nxt
         output_ids = {q.queue_id for q in self.outputs}
         self.internal = [q for q in order if q not in output_ids]
+        self.created, self.order = created, order
 
     async def _drive(self) -> int:
-        events = [
-            queue_pb2.Event(
-                payload=line.payload,
-                content_type="text/plain; charset=utf-8" if self.args.text else "application/json",
-            )
-            for line in self.lines
-        ]
+        self.seen = SeenOutputs(self.run_dir)
+        self.room = asyncio.Event()
         tasks = [asyncio.create_task(self._collect(q.queue_id)) for q in self.outputs]
         tasks.append(asyncio.create_task(self._watch()))
         tasks.append(asyncio.create_task(self._checker()))
+        tasks.append(asyncio.create_task(self._monitor()))
         for task in tasks:
             task.add_done_callback(self._ended)
         interrupted = False
         try:
-            try:
-                ids = await self.events.publish(self.input.queue_id, events)
-            except QueueError as exc:
-                self.failure = f"publishing the events failed: {exc}"
-                raise CommandError(
-                    f"{self.workflow_id}: {self.failure}; the workflow was aborted",
-                    2 if isinstance(exc, EventTooLarge) else 1,
-                ) from None
-            self.line_of = {
-                event_id: line.number for event_id, line in zip(ids, self.lines, strict=True)
-            }
-            self.published.set()
-            self.check_wanted.set()
-            self._draw()
-            await self.done.wait()
+            if await self._publish_until_done():
+                self.published.set()
+                self.check_wanted.set()
+                self._draw()
+                await self.done.wait()
         except asyncio.CancelledError:
             interrupted = True
             raise
@@ -363,9 +403,9 @@ class WorkflowRun:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-            if self.progress:
+            self.seen.close()
+            if self.meter.bar:
                 self._draw(force=True)
-                print(file=sys.stderr)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 if interrupted or self.failure:
                     await self.workflows.AbortWorkflow(
@@ -386,13 +426,134 @@ class WorkflowRun:
             elif not self.lost:
                 await self._wait_stopped()
         if self.lost:
+            self._final()
             print(
-                f"{self.workflow_id}: {len(events)} event(s) in, {self.outputs_written} output(s) "
-                f"written\nerror: {self.failure}",
+                f"{self.workflow_id}: {self.n_events} event(s) in, {self.outputs_written} "
+                f"output(s) written\nerror: {self.failure}",
                 file=sys.stderr,
             )
             return EXIT_WMS_UNREACHABLE
         return await self._report()
+
+    async def _publish_until_done(self) -> bool:
+        """Publish every event, unless the run ends first (the WMS lost, every worker gone);
+        True when all are published. CommandError when publishing fails (the workflow is then
+        aborted)."""
+        publisher = asyncio.create_task(self._publish_all())
+        ended = asyncio.create_task(self.done.wait())
+        try:
+            await asyncio.wait({publisher, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (publisher, ended):
+                if not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
+        if publisher.cancelled():
+            return False
+        exc = publisher.exception()
+        if isinstance(exc, (QueueError, InputChanged)):
+            self.failure = f"publishing the events failed: {exc}"
+            raise CommandError(
+                f"{self.workflow_id}: {self.failure}; the workflow was aborted",
+                2 if isinstance(exc, EventTooLarge) else 1,
+            ) from None
+        if exc is not None:
+            raise exc
+        return not self.done.is_set()
+
+    async def _publish_all(self) -> None:
+        """Read and publish the events in batches, each when the window has room for it."""
+        content_type = "text/plain; charset=utf-8" if self.args.text else "application/json"
+        batch: list[queue_pb2.Event] = []
+        nbytes = 0
+        for line in self.source.events():
+            batch.append(
+                queue_pb2.Event(
+                    event_id=f"{self.id_prefix}{line.number}",
+                    payload=line.payload,
+                    content_type=content_type,
+                )
+            )
+            nbytes += len(line.payload)
+            if len(batch) >= PUBLISH_BATCH or nbytes >= PUBLISH_BATCH_BYTES:
+                await self._publish_batch(batch, nbytes)
+                batch, nbytes = [], 0
+        if batch:
+            await self._publish_batch(batch, nbytes)
+
+    async def _publish_batch(self, batch: list[queue_pb2.Event], nbytes: int) -> None:
+        await self._room_for(len(batch), nbytes)
+        # One call at a time: it returns once the WMS (or RabbitMQ) stored the batch durably,
+        # which paces the reading to what the broker takes.
+        await self.events.publish(self.input.queue_id, batch)
+        self.n_published += len(batch)
+        self.bytes_published += nbytes
+        self.publish_marks.append((self.n_published, self.bytes_published))
+        self._draw()
+
+    async def _room_for(self, n: int, nbytes: int) -> None:
+        """Until publishing ``n`` more events of ``nbytes`` keeps the unsettled ones (and the
+        outputs not yet collected) within MAX_UNSETTLED and MAX_UNSETTLED_BYTES (or nothing is
+        unsettled: a batch always goes).
+        When every worker has ended meanwhile, the run ends (nothing would settle)."""
+        while True:
+            # Settlement is counted, not tracked per event: the input queue hands events out in
+            # order, so the first `settled_inputs` published are taken as the settled ones.
+            while self.publish_marks and self.publish_marks[0][0] <= self.settled_inputs:
+                _, self.bytes_settled = self.publish_marks.popleft()
+            # Outputs waiting for this process count too: they are the same events, further on.
+            backlog = self.output_backlog
+            average = self.source.n_bytes // max(1, self.n_events)
+            unsettled = self.n_published - self.settled_inputs + backlog
+            unsettled_bytes = self.bytes_published - self.bytes_settled + backlog * average
+            if unsettled <= 0 or (
+                unsettled + n <= MAX_UNSETTLED and unsettled_bytes + nbytes <= MAX_UNSETTLED_BYTES
+            ):
+                return
+            if self.view.all_terminal():
+                self.failure = (
+                    f"every worker has ended but {unsettled} input event(s) are not done "
+                    f"({self.n_events - self.n_published} not yet published)"
+                )
+                self.done.set()
+                await asyncio.Future()  # cancelled by _publish_until_done
+            self.room.clear()
+            self.stats_wanted.set()
+            await self.room.wait()
+
+    async def _monitor(self) -> None:
+        """The input queue's counters: how many published events are settled (the publishing
+        window, the progress) and dead-lettered. Read when the publisher waits for room (at most
+        every MONITOR_INTERVAL) and otherwise every MONITOR_IDLE."""
+        last = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stats_wanted.wait(), MONITOR_IDLE)
+            wait = last + MONITOR_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.stats_wanted.clear()
+            last = time.monotonic()
+            published = self.n_published
+            s = await self.queues.stats(self.input.queue_id)
+            self.input_stats = s
+            # Of the events published before this call, those neither waiting nor running are
+            # settled (`acked` may lag on RabbitMQ; `ready` may too, which lets the window
+            # overshoot, never stall).
+            unsettled = int(s.ready + s.in_flight)
+            settled = min(int(max(s.acked + s.dead_lettered, published - unsettled)), published)
+            self.settled_inputs = max(self.settled_inputs, settled)
+            self.done_inputs = max(self.done_inputs, settled - int(s.dead_lettered))
+            if not self.published.is_set():
+                # While publishing: the outputs not yet collected (the flow control's share).
+                backlog = 0
+                for q in self.outputs:
+                    o = await self.queues.stats(q.queue_id)
+                    backlog += int(o.ready + o.in_flight)
+                self.output_backlog = backlog
+            self.room.set()
+            self._draw()
 
     async def _report(self) -> int:
         """Close --out, print the summary and, when anything failed, why; the exit code."""
@@ -408,16 +569,24 @@ class WorkflowRun:
                 self.out.close()
         outcome = run_report.RunOutcome(
             workflow_id=self.workflow_id,
-            infile="stdin" if self.args.infile == "-" else self.args.infile,
-            n_events=len(self.lines),
+            infile=self.source.name,
+            n_events=self.n_events,
             outputs_written=self.outputs_written,
             taskforces=list(self.view.taskforces.values()),
             line_of=self.line_of,
         )
         with contextlib.suppress(grpc.aio.AioRpcError):
-            outcome.input_stats = await self.queues.stats(self.input.queue_id)
+            s = outcome.input_stats = self.exact_input or await self.queues.stats(
+                self.input.queue_id
+            )
+            # As the summary counts them.
+            self.input_stats = s
+            unsettled = int(s.ready + s.in_flight)
+            self.settled_inputs = max(self.settled_inputs, self.n_published - unsettled)
+            self.done_inputs = self.n_published - unsettled - int(s.dead_lettered)
         with contextlib.suppress(grpc.aio.AioRpcError):
             outcome.dead_letters = await self._dead_letters()
+        self._final()
         print(run_report.summary(outcome), file=sys.stderr)
         if self.failure:
             print(f"error: {self.failure}", file=sys.stderr)
@@ -449,20 +618,41 @@ class WorkflowRun:
         path = self.run_dir / ("dead-lettered.txt" if self.args.text else "dead-lettered.jsonl")
         try:
             with path.open("wb") as f:
-                for line in self.lines:
-                    if line.number in numbers:
-                        f.write(line.payload + b"\n")
-        except OSError:
+                for payload in self.source.payloads(numbers):
+                    f.write(payload + b"\n")
+        except (OSError, UsageError):
             return None
         return path
 
+    def line_of(self, event_id: str) -> int | None:
+        """The input line an input event was published from (its id names it), else None."""
+        if event_id.startswith(self.id_prefix):
+            with contextlib.suppress(ValueError):
+                return int(event_id[len(self.id_prefix) :])
+        return None
+
+    def _output_prefetch(self) -> int:
+        """OUTPUT_PREFETCH, fewer when events are big (outputs taken as big as the inputs), so
+        that the deliveries held stay near OUTPUT_BUFFER_BYTES."""
+        average = self.source.n_bytes // max(1, self.n_events)
+        return max(4, min(OUTPUT_PREFETCH, OUTPUT_BUFFER_BYTES // max(1, average)))
+
     async def _collect(self, queue_id: str) -> None:
-        sub = await self.events.subscribe(queue_id, OUTPUT_PREFETCH)
+        while True:
+            await self.outputs_open.wait()
+            await self._collect_once(queue_id)
+
+    async def _collect_once(self, queue_id: str) -> None:
+        """One subscription to an output queue, until it ends (or a settlement fence closed
+        it: what it still brings goes back to the queue and comes again)."""
+        sub = await self.events.subscribe(queue_id, self._output_prefetch())
+        self.output_subs[queue_id] = sub
         async with sub:
             async for delivery in sub:
+                if not self.outputs_open.is_set():
+                    return
                 event = delivery.event
-                if event.event_id not in self.seen:
-                    self.seen.add(event.event_id)
+                if self.seen.add(event.event_id):  # else a redelivery of one written
                     self.out.write(self._line(event))
                     self.outputs_written += 1
                 await sub.ack(delivery)
@@ -511,12 +701,16 @@ class WorkflowRun:
             self._draw()
 
     async def _checker(self) -> None:
-        # Checks follow outputs and watch changes. Some counters lag (RabbitMQ's management
-        # statistics are refreshed every 5 s), so an unsettled check is also repeated after a
-        # growing pause while nothing else happens.
-        # Checks are at most CHECK_INTERVAL apart: outputs come by the thousand, and each check
-        # costs a call per queue.
+        # Checks follow outputs and watch changes, and are repeated after a growing pause while
+        # nothing else happens (a worker's end, a queue dropping a consumer). Checks are at most
+        # CHECK_INTERVAL apart: outputs come by the thousand, and each check costs a call or two
+        # per queue.
         await self.published.wait()
+        if isinstance(self.events, AmqpQueueClient):
+            stages = stages_of(self.created, self.order, [q.queue_id for q in self.outputs])
+            self.settlement = Settlement(
+                stages, [q.queue_id for q in self.outputs], PassiveCounts(self.events)
+            )
         pause = RECHECK_FIRST
         last = 0.0
         while True:
@@ -530,11 +724,14 @@ class WorkflowRun:
                 await asyncio.sleep(wait)
             self.check_wanted.clear()
             last = time.monotonic()
-            if await self._settled():
+            if self.settlement is not None:
+                settled, stuck = await self._settled_exactly(self.settlement)
+            else:
+                settled, stuck = await self._settled(), self.view.all_terminal()
+            if settled:
                 self.done.set()
                 return
-            # Workers gone, queues quiet: the counts may only lag, so QUIET_SETTLED decides.
-            if self.view.all_terminal() and self.quiet_since is None:
+            if stuck:
                 self.failure = (
                     f"every worker has ended but {self.unsettled_inputs} input event(s) are not "
                     "done"
@@ -542,42 +739,36 @@ class WorkflowRun:
                 self.done.set()
                 return
 
+    async def _settled_exactly(self, settlement: Settlement) -> tuple[bool, bool]:
+        """RabbitMQ: (settled, every worker ended with events left), exactly."""
+        verdict = await settlement.check(
+            self.n_published, self.view.taskforces.values(), self._fence, self.outputs_open.set
+        )
+        self.settled_inputs = max(self.settled_inputs, verdict.settled_inputs)
+        self.unsettled_inputs = self.n_published - verdict.settled_inputs
+        if verdict.settled:
+            # RabbitMQ's own counters (management API) may lag the verdict by seconds.
+            self.exact_input = settlement.input_stats(self.input.queue_id, self.n_published)
+        return verdict.settled, bool(verdict.stuck)
+
+    async def _fence(self) -> None:
+        """Close the output subscriptions (acks first); the collectors wait for a reopen."""
+        self.outputs_open.clear()
+        for sub in list(self.output_subs.values()):
+            await sub.close()
+
     async def _settled(self) -> bool:
-        """Whether every queue, in pipeline order, has nothing ready or in flight and every
-        event it got is acked or dead-lettered (or, since `acked` may fall short on RabbitMQ,
-        nothing was ready or in flight at any check for QUIET_SETTLED); the outputs all
-        written. Counts the settled inputs on the way."""
-        counted = True
-        quiet = True
+        """The embedded broker (its counters are exact): whether every queue, in pipeline
+        order, has nothing ready or in flight and every event it got is acked or dead-lettered;
+        the outputs all written. Counts the settled inputs on the way."""
         for i, queue_id in enumerate([*self.internal, *(q.queue_id for q in self.outputs)]):
             s = await self.queues.stats(queue_id)
             settled = s.acked + s.dead_lettered
             if i == 0:
-                # Every event was published before the first check, so whatever is neither
-                # waiting nor running is settled, even while `acked` lags (RabbitMQ).
                 self.unsettled_inputs = int(s.ready + s.in_flight)
-                self.settled_inputs = int(max(settled, len(self.lines) - self.unsettled_inputs))
-                counted = settled >= len(self.lines)
-            if s.ready or s.in_flight:
-                quiet = False
-                break
-            counted = counted and settled >= s.published
-        if not quiet:
-            self.quiet_since = None
-            return False
-        if counted:
-            return True
-        now = time.monotonic()
-        if self.quiet_since is None:
-            self.quiet_since = now
-        if now - self.quiet_since < QUIET_SETTLED:
-            return False
-        print(
-            f"\nnote: nothing ready or in flight for {QUIET_SETTLED:g} s, but the queues count "
-            f"{self.settled_inputs} of {len(self.lines)} input event(s) settled (RabbitMQ loses "
-            "the counts of a channel closed within seconds of its acks); taken as done",
-            file=sys.stderr,
-        )
+                self.settled_inputs = int(max(settled, self.n_events - self.unsettled_inputs))
+            if s.ready or s.in_flight or settled < s.published:
+                return False
         return True
 
     async def _wait_stopped(self) -> None:
@@ -616,22 +807,28 @@ class WorkflowRun:
                 out[self.alias_of.get(queue_id, queue_id)] = letters
         return out
 
-    def _draw(self, *, force: bool = False) -> None:
-        if not self.progress:
-            return
-        now = time.monotonic()
-        if now - self.last_draw < 0.1 and not force:
-            return
-        self.last_draw = now
-        total = len(self.lines)
-        done = max(self.settled_inputs, min(self.outputs_written, total))
-        width = 30
-        filled = int(width * done / total) if total else width
-        bar = "#" * filled + "." * (width - filled)
-        running = self.view.workers(taskforce_pb2.JOB_STATE_RUNNING)
-        failed = self.view.tasks_failed()
-        sys.stderr.write(
-            f"\r[{bar}] {done}/{total} events · {self.outputs_written} outputs · "
-            f"{running} worker(s) running · {failed} failure(s) "
+    def _snapshot(self) -> Snapshot:
+        total = self.n_events
+        stats = self.input_stats
+        return Snapshot(
+            published=self.n_published,
+            total=total,
+            settled=max(self.settled_inputs, min(self.outputs_written, total)),
+            done=self.done_inputs,
+            dead_lettered=int(stats.dead_lettered) if stats is not None else 0,
+            failed=self.view.tasks_failed(),
+            outputs=self.outputs_written,
+            workers=self.view.workers(taskforce_pb2.JOB_STATE_RUNNING),
         )
-        sys.stderr.flush()
+
+    def _draw(self, *, force: bool = False) -> None:
+        """The progress bar (at most 10 a second) or JSON line (one a second); ``force``: the
+        bar's last drawing, ended by a newline."""
+        if self.progress and (force or self.meter.due(time.monotonic())):
+            self.meter.report(self._snapshot(), final=force and self.meter.bar)
+
+    def _final(self) -> None:
+        """The last JSON progress line (once), when the counts are final."""
+        if self.meter.json and not self.final_shown:
+            self.final_shown = True
+            self.meter.report(self._snapshot(), final=True)

@@ -6,7 +6,7 @@ input line it came from."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ewms.v1 import queue_pb2, taskforce_pb2
@@ -30,8 +30,8 @@ class RunOutcome:
     taskforces: list[taskforce_pb2.Taskforce] = field(default_factory=list)
     # Dead letters by the label (alias) of their queue, in pipeline order.
     dead_letters: dict[str, list[queue_pb2.DeadLetter]] = field(default_factory=dict)
-    # Input line numbers by the event id each line was published as.
-    line_of: dict[str, int] = field(default_factory=dict)
+    # The input line number an event id was published from (None: not an input event).
+    line_of: Callable[[str], int | None] = field(default=lambda _event_id: None)
 
     @property
     def n_dead(self) -> int:
@@ -39,7 +39,7 @@ class RunOutcome:
 
     def origin(self, event: queue_pb2.Event) -> str:
         """``events.jsonl:17`` for an event published from that line (or produced from it)."""
-        line = self.line_of.get(event.event_id) or self.line_of.get(event.provenance.input_event_id)
+        line = self.line_of(event.event_id) or self.line_of(event.provenance.input_event_id)
         return f"{self.infile}:{line}" if line else ""
 
     def dead_lines(self) -> list[int]:
@@ -47,7 +47,7 @@ class RunOutcome:
         found = set()
         for letters in self.dead_letters.values():
             for d in letters:
-                line = self.line_of.get(d.event.event_id) or self.line_of.get(
+                line = self.line_of(d.event.event_id) or self.line_of(
                     d.event.provenance.input_event_id
                 )
                 if line:

@@ -1,8 +1,9 @@
 """``GrpcQueueClient``: event queues through the WMS's ``EventService`` (any backend).
 
 Publishing splits large batches so every call stays under the gRPC message limit. A subscription is
-one ``Subscribe`` stream: acks made in the same event-loop turn travel together in one message, and
-closing the stream (or the process dying) hands unacked deliveries back to the queue at once.
+one ``Subscribe`` stream: acks travel together in one message (those of one event-loop turn, and
+with a prefetch of 4 or more those of up to ``ACK_LINGER_SECONDS``), and closing the stream (or
+the process dying) hands unacked deliveries back to the queue at once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from services.events.client import (
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_EVENTS = 1000
 MESSAGE_OVERHEAD = 1024 * 1024
+# A subscription's acks wait at most this long for others to travel with (see ``ack``).
+ACK_LINGER_SECONDS = 0.02
+ACK_BATCH_MAX = 64
 # Long-lived streams: keepalive pings so a dead WMS or network is noticed (GRPC-PRACTICE.md).
 # A channel whose WMS went away tries to reconnect at most every 2 s (gRPC's default backoff grows
 # to 120 s), so that calls work again within seconds of the WMS's return, however long it was down.
@@ -80,6 +84,8 @@ class GrpcSubscription:
         self._outgoing: asyncio.Queue[event_service_pb2.SubscribeRequest | None] = asyncio.Queue()
         self._sender = asyncio.create_task(self._send(), name=f"subscribe-send-{queue_id}")
         self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._ack_batch = max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
         self._closed = False
 
     @property
@@ -109,14 +115,26 @@ class GrpcSubscription:
                     yield delivery
 
     async def ack(self, *deliveries: queue_pb2.Delivery) -> None:
-        """Ack; acks of one loop turn go in one message."""
+        """Ack; acks go together in one message: those of one loop turn, and with a prefetch of 4
+        or more, those of up to ``ACK_LINGER_SECONDS`` until half the prefetch (at most
+        ``ACK_BATCH_MAX``) is waiting. The WMS then sends as many deliveries together in one
+        message, and the subscriber still holds the other half to work on meanwhile."""
         self._acks.extend(d.ack_id for d in deliveries)
-        if not self._flush_scheduled:
+        if len(self._acks) >= self._ack_batch:
+            self._flush_acks()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+            loop = asyncio.get_running_loop()
+            if self._ack_batch > 1:
+                self._flush_timer = loop.call_later(ACK_LINGER_SECONDS, self._flush_acks)
+            else:
+                loop.call_soon(self._flush_acks)
 
     def _flush_acks(self) -> None:
         self._flush_scheduled = False
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._acks:
             ids, self._acks = self._acks, []
             self._outgoing.put_nowait(

@@ -47,6 +47,8 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 OUTAGE_BACKOFF_MAX = 2.0
 PERMANENT_ERRORS = (EventTooLarge, QueueAccessDenied, QueueNotFound, QueueClosed)
+# Events of waiting publishes merged into one call at most (the client splits calls further).
+MAX_MERGED_EVENTS = 1000
 
 
 def backoff(attempt: int, cap: float = BACKOFF_MAX) -> float:
@@ -133,6 +135,10 @@ class QueueLink:
         self._name = name
         self._client: QueueClient | None = None
         self._lock = asyncio.Lock()
+        # Publishes waiting for the call out to their queue to return, by queue id.
+        self._waiting: dict[str, list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]]] = {}
+        self._sending: set[str] = set()
+        self._senders: set[asyncio.Task[None]] = set()
 
     async def client(self) -> QueueClient:
         """The connected client (connecting if needed)."""
@@ -175,6 +181,66 @@ class QueueLink:
         )
 
     async def publish(self, queue_id: str, events: Sequence[queue_pb2.Event]) -> None:
+        """Publish durably; returns once the WMS or broker has the events (or raises).
+
+        Publishes to one queue go one call at a time: those made while a call is out wait for it
+        and then go together in the next (group commit: no added delay, and one call for several
+        tasks' outputs whenever tasks end faster than a call returns). Each caller gets its own
+        outcome: when a merged call is refused for good (an event too large, the workflow ended),
+        its parts are published one by one so that only the culprit's caller fails."""
+        waiting = self._waiting.setdefault(queue_id, [])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.append((events, done))
+        if queue_id not in self._sending:
+            self._sending.add(queue_id)
+            task = asyncio.create_task(self._send(queue_id), name=f"{self._name}-publish")
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+        await asyncio.shield(done)
+
+    async def _send(self, queue_id: str) -> None:
+        """Publish what callers are waiting for, batch after batch, until none is left."""
+        try:
+            while batch := self._take(queue_id):
+                events = [event for part, _ in batch for event in part]
+                try:
+                    await self._publish(queue_id, events)
+                except PERMANENT_ERRORS as exc:
+                    if len(batch) == 1:
+                        _settle(batch, exc)
+                        continue
+                    for part, done in batch:
+                        try:
+                            await self._publish(queue_id, part)
+                        except BaseException as alone:
+                            _settle([(part, done)], alone)
+                        else:
+                            _settle([(part, done)], None)
+                except BaseException as exc:
+                    _settle(batch, exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    _settle(batch, None)
+        finally:
+            self._sending.discard(queue_id)
+            leftover = self._waiting.pop(queue_id, [])
+            _settle(leftover, QueueError("the pilot stopped publishing"))
+
+    def _take(self, queue_id: str) -> list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]]:
+        """The callers waiting on the queue, up to MAX_MERGED_EVENTS events (at least one)."""
+        waiting = self._waiting.get(queue_id)
+        if not waiting:
+            return []
+        batch: list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]] = []
+        n = 0
+        while waiting and (not batch or n + len(waiting[0][0]) <= MAX_MERGED_EVENTS):
+            part = waiting.pop(0)
+            batch.append(part)
+            n += len(part[0])
+        return batch
+
+    async def _publish(self, queue_id: str, events: Sequence[queue_pb2.Event]) -> None:
         """Publish durably. Through an outage this retries until it has lasted the tolerance
         (then QueueUnreachable); other errors are retried PUBLISH_ATTEMPTS times."""
         failures = 0
@@ -203,10 +269,30 @@ class QueueLink:
                 return
 
     async def close(self) -> None:
-        """Close the client."""
+        """Close the client; publishes still waiting fail."""
+        for sender in list(self._senders):
+            sender.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def _settle(
+    batch: list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]],
+    error: BaseException | None,
+) -> None:
+    """Give each waiting caller the outcome of its events' publish."""
+    for _, done in batch:
+        if done.done():
+            continue
+        if error is None:
+            done.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            done.cancel()
+        else:
+            done.set_exception(error)
+            done.exception()  # retrieved: a caller that was cancelled no longer awaits it
 
 
 @dataclass

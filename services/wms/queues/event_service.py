@@ -47,6 +47,7 @@ from services.events.client import RESERVED_HEADER_PREFIX
 from services.wms import limits
 from services.wms.pagination import page_of
 from services.wms.queues.broker import UnknownAckId
+from services.wms.queues.embedded import EmbeddedBroker
 from services.wms.queues.manager import QueueManager
 from services.wms.store import QUEUES, TASK_DIRECTIVES, TASKFORCES, WORKFLOWS, Store, Tx
 from services.wms.validation import require_fields
@@ -55,6 +56,7 @@ log = structlog.get_logger(__name__)
 
 Ctx = Any  # grpc.aio.ServicerContext; grpc ships no type information
 MAX_PUBLISH_EVENTS = 10_000
+MAX_PUBLISHABLE_CACHED = 10_000
 MAX_PREFETCH = 10_000
 MAX_LEASE_SECONDS = 7 * 24 * 3600
 DEFAULT_RECEIVE_LEASE = 60
@@ -63,6 +65,9 @@ MAX_WAIT_SECONDS = 60
 MAX_ACK_IDS = 10_000
 MAX_EVENT_ID_CHARS = 128
 MAX_HEADER_BYTES = 64 * 1024
+# Subscribers with at least this prefetch get their deliveries batched over up to this long.
+LINGER_MIN_PREFETCH = 64
+DELIVERY_LINGER_SECONDS = 0.02
 JSON_CONTENT_TYPE = "application/json"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 # Integers a double (a JSON number in google.protobuf.Value) holds exactly.
@@ -116,6 +121,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self._max_event_bytes = max_event_bytes
         # Queues a pilot token's taskforce may use, by taskforce uuid (they never change).
         self._pilot_queues: dict[str, PilotQueues] = {}
+        # Embedded queues a caller was allowed to publish into, by (queue id, caller): who may
+        # publish where never changes, so a later Publish skips that read and the broker checks
+        # only what can change (queue deleted, workflow deactivated) inside its own write.
+        self._publishable: dict[tuple[str, Principal], queue_pb2.Queue] = {}
 
     async def _resolve(
         self, queue_id: str, principal: Principal, use: Use
@@ -160,10 +169,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                 "only from its input queues and publishes only into its output queues"
             )
         if queue.HasField("deleted_ts"):
-            raise FailedPrecondition(
-                f"queue {queue_id} was deleted at {queue.deleted_ts.ToJsonString()}, a retention "
-                "period after its workflow ended"
-            )
+            raise _deleted(queue)
         return queue, wf
 
     # --- publishing ---
@@ -176,12 +182,14 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         require_fields(queue_id=request.queue_id)
         await limits.off_loop_if_large(request.ByteSize(), self._validate_events, request)
         principal = current_principal()
-        queue, wf = await self._resolve(request.queue_id, principal, Use.PUBLISH)
-        if wf.deactivated:
-            state = workflow_pb2.Deactivation.Name(wf.deactivated).removeprefix("DEACTIVATION_")
-            raise FailedPrecondition(
-                f"workflow {wf.workflow_id} is deactivated ({state}); its queues take no new events"
-            )
+        known = self._publishable.get((request.queue_id, principal))
+        if known is not None:
+            queue = known
+        else:
+            queue, wf = await self._resolve(request.queue_id, principal, Use.PUBLISH)
+            if wf.deactivated:
+                raise _deactivated(wf)
+        broker = self._queues.broker(queue)
         now = time.time_ns()
         events = list(request.events)
         for event in events:
@@ -193,7 +201,14 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                 event.published_ts.FromNanoseconds(now)
             if principal.role is Role.PILOT:
                 event.provenance.taskforce_uuid = principal.scope
-        event_ids = await self._queues.broker(queue).publish(queue, events)
+        if isinstance(broker, EmbeddedBroker):
+            event_ids = await broker.publish(queue, events, check=_still_open(queue))
+            if known is None:
+                if len(self._publishable) >= MAX_PUBLISHABLE_CACHED:
+                    self._publishable.clear()
+                self._publishable[(queue.queue_id, principal)] = queue
+        else:
+            event_ids = await broker.publish(queue, events)
         if self._on_queues_changed is not None:
             self._on_queues_changed(queue.workflow_id)
         return event_service_pb2.PublishResponse(event_ids=event_ids)
@@ -312,9 +327,15 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                 )
             )
             # Deliveries ready together go in one message (a backend's subscription may offer
-            # ``take_ready`` for that); a lone one goes as it is.
+            # ``take_ready`` for that); a lone one goes as it is. A subscriber with a deep prefetch
+            # (``ewms run`` collecting outputs) is not waiting for any one event: its deliveries
+            # linger up to DELIVERY_LINGER_SECONDS to travel together, which saves a message each
+            # way per event (the subscriber acks what arrived together together).
             take_ready = getattr(sub, "take_ready", None)
+            linger = DELIVERY_LINGER_SECONDS if prefetch >= LINGER_MIN_PREFETCH else 0.0
             async for delivery in sub:
+                if linger and take_ready is not None:
+                    await asyncio.sleep(linger)
                 more = take_ready() if take_ready is not None else []
                 if more:
                     batch = event_service_pb2.DeliveryBatch(deliveries=[delivery, *more])
@@ -445,6 +466,39 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         if self._on_queues_changed is not None:
             self._on_queues_changed(queue.workflow_id)
         return event_service_pb2.RedriveDeadLettersResponse(n_redriven=n)
+
+
+def _deleted(queue: queue_pb2.Queue) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"queue {queue.queue_id} was deleted at {queue.deleted_ts.ToJsonString()}, a retention "
+        "period after its workflow ended"
+    )
+
+
+def _deactivated(wf: workflow_pb2.Workflow) -> FailedPrecondition:
+    state = workflow_pb2.Deactivation.Name(wf.deactivated).removeprefix("DEACTIVATION_")
+    return FailedPrecondition(
+        f"workflow {wf.workflow_id} is deactivated ({state}); its queues take no new events"
+    )
+
+
+def _still_open(queue: queue_pb2.Queue) -> Callable[[Tx], Exception | None]:
+    """What of a Publish's checks can change after the first one: run by the embedded broker in
+    its write transaction, so a publish after a finish or a deletion is refused exactly."""
+    queue_id, workflow_id = queue.queue_id, queue.workflow_id
+
+    def check(tx: Tx) -> Exception | None:
+        stored = tx.get(QUEUES, queue_id)
+        wf = tx.get(WORKFLOWS, workflow_id)
+        if stored is None or wf is None:
+            return NotFound(f"queue {queue_id!r} not found")
+        if stored.HasField("deleted_ts"):
+            return _deleted(stored)
+        if wf.deactivated:
+            return _deactivated(wf)
+        return None
+
+    return check
 
 
 # --- payload forms: json and text on the way in and, when asked, on the way out ---

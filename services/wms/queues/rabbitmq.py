@@ -455,13 +455,17 @@ class RabbitBroker:
     # --- inspection ---
 
     async def stats(self, queue: queue_pb2.Queue) -> queue_pb2.QueueStats:
-        """The queue's counters.
+        """The queue's counters: ``ready`` and ``dead_lettered`` exact; ``in_flight``,
+        ``published`` and ``acked`` estimates (RabbitMQ's own statistics, seconds old and possibly
+        short). Nothing should wait on the estimates: ``ewms run`` decides completion from exact
+        facts only (services/cli/settlement.py).
 
         - ``ready`` and ``dead_lettered``: exact, from passive declares of the queue and its
           dead-letter queue (ready messages).
-        - ``in_flight``, ``published``, ``acked``: from the management API, which RabbitMQ refreshes
-          about every 5 s (so they lag), and which count since the queue was created or its
-          leader last restarted. ``published`` and ``acked`` are summed from channels' counters,
+        - ``in_flight``, ``published``, ``acked``: estimates from the management API, which
+          RabbitMQ refreshes about every 5 s (so they lag), and which count since the queue was
+          created or its leader last restarted. ``published`` and ``acked`` are summed from
+          channels' counters,
           and a closing channel drops what it counted since the last refresh (measured on
           3.10.8: a consumer that acked 344 events within a second and closed left them out for
           good), so they can stay short. ``in_flight`` = the queue's ``messages_unacknowledged``;
