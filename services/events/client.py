@@ -85,6 +85,13 @@ class Subscription(Protocol):
         because this was its last allowed attempt)."""
         ...
 
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` unacked deliveries from now on (1 or more). Lowering it takes
+        nothing back: new deliveries wait until fewer are held. While the change takes effect
+        the subscriber may briefly hold up to the old and the new limits together (RabbitMQ:
+        a new consumer with the new limit replaces the old one on the same channel)."""
+        ...
+
     async def pause(self) -> None:
         """Take no new deliveries (draining); those held can still be acked or nacked, and a nack
         now returns the event to other consumers rather than to this one."""

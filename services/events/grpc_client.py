@@ -76,16 +76,22 @@ def queue_error(exc: grpc.aio.AioRpcError, queue_id: str) -> QueueError:
 class GrpcSubscription:
     """A ``Subscribe`` stream (implements ``services.events.client.Subscription``)."""
 
-    def __init__(self, call: Any, queue_id: str, prefetch: int) -> None:
+    def __init__(
+        self, call: Any, queue_id: str, prefetch: int, *, ack_linger: float | None = None
+    ) -> None:
         self._call = call
         self._queue_id = queue_id
         self._prefetch = prefetch
+        self._ack_linger = ACK_LINGER_SECONDS if ack_linger is None else ack_linger
         self._acks: list[str] = []
         self._outgoing: asyncio.Queue[event_service_pb2.SubscribeRequest | None] = asyncio.Queue()
         self._sender = asyncio.create_task(self._send(), name=f"subscribe-send-{queue_id}")
         self._flush_scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._ack_batch = max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
+        if self._ack_linger > 0:
+            self._ack_batch = max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
+        else:
+            self._ack_batch = ACK_BATCH_MAX
         self._closed = False
 
     @property
@@ -116,17 +122,18 @@ class GrpcSubscription:
 
     async def ack(self, *deliveries: queue_pb2.Delivery) -> None:
         """Ack; acks go together in one message: those of one loop turn, and with a prefetch of 4
-        or more, those of up to ``ACK_LINGER_SECONDS`` until half the prefetch (at most
-        ``ACK_BATCH_MAX``) is waiting. The WMS then sends as many deliveries together in one
-        message, and the subscriber still holds the other half to work on meanwhile."""
+        or more, those of up to the ack linger (``ACK_LINGER_SECONDS`` unless the client was told
+        otherwise; 0: one loop turn) until half the prefetch (at most ``ACK_BATCH_MAX``) is
+        waiting. The WMS then sends as many deliveries together in one message, and the subscriber
+        still holds the other half to work on meanwhile."""
         self._acks.extend(d.ack_id for d in deliveries)
         if len(self._acks) >= self._ack_batch:
             self._flush_acks()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop = asyncio.get_running_loop()
-            if self._ack_batch > 1:
-                self._flush_timer = loop.call_later(ACK_LINGER_SECONDS, self._flush_acks)
+            if self._ack_batch > 1 and self._ack_linger > 0:
+                self._flush_timer = loop.call_later(self._ack_linger, self._flush_acks)
             else:
                 loop.call_soon(self._flush_acks)
 
@@ -151,6 +158,21 @@ class GrpcSubscription:
                 nack=event_service_pb2.SubscribeNack(
                     ack_id=delivery.ack_id, error=error, dead_letter=dead_letter
                 )
+            )
+        )
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` unacked deliveries from now on (``SubscribePrefetch``)."""
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        if prefetch == self._prefetch:
+            return
+        self._prefetch = prefetch
+        if self._ack_linger > 0:
+            self._ack_batch = max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
+        self._outgoing.put_nowait(
+            event_service_pb2.SubscribeRequest(
+                prefetch=event_service_pb2.SubscribePrefetch(prefetch=prefetch)
             )
         )
 
@@ -215,8 +237,10 @@ class GrpcQueueClient:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         timeout: float = 60.0,
         own_channel: bool = False,
+        ack_linger: float | None = None,
     ) -> None:
         self._channel = channel
+        self._ack_linger = ack_linger
         self._stub = event_service_pb2_grpc.EventServiceStub(channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._max_event_bytes = max_event_bytes
@@ -225,11 +249,24 @@ class GrpcQueueClient:
 
     @classmethod
     def connect(
-        cls, address: str, token: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+        cls,
+        address: str,
+        token: str,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        ack_linger: float | None = None,
     ) -> GrpcQueueClient:
-        """A client with its own channel to the WMS at ``address``."""
+        """A client with its own channel to the WMS at ``address``; ``ack_linger``: how long its
+        subscriptions' acks wait for others (None: ``ACK_LINGER_SECONDS``; see
+        ``GrpcSubscription.ack``)."""
         channel = grpc.aio.insecure_channel(address, options=channel_options(max_event_bytes))
-        return cls(channel, token, max_event_bytes=max_event_bytes, own_channel=True)
+        return cls(
+            channel,
+            token,
+            max_event_bytes=max_event_bytes,
+            own_channel=True,
+            ack_linger=ack_linger,
+        )
 
     @property
     def stub(self) -> event_service_pb2_grpc.EventServiceStub:
@@ -312,7 +349,7 @@ class GrpcQueueClient:
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "opened":
             call.cancel()
             raise QueueError(f"{queue_id}: the WMS did not confirm the subscription")
-        return GrpcSubscription(call, queue_id, first.opened.prefetch)
+        return GrpcSubscription(call, queue_id, first.opened.prefetch, ack_linger=self._ack_linger)
 
     async def stats(self, queue_id: str) -> queue_pb2.QueueStats:
         """The queue's counters."""

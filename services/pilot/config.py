@@ -18,6 +18,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from services.events.client import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_EVENT_BYTES
 from services.pilot.chirp import chirp_config_present
+from services.pilot.prefetch import base_prefetch
 from services.pilot.runtimes import RUNTIMES
 
 T = TypeVar("T")
@@ -31,6 +32,9 @@ DEFAULT_DRAIN_GRACE = 10.0
 DEFAULT_KILL_GRACE = 5.0
 # How long the pilot rides out an unreachable WMS or broker (as the TMS does) before it exits 1.
 DEFAULT_OUTAGE_TOLERANCE = 600.0
+# Outputs of tasks ending within this of each other go in one publish (and their acks in one
+# message): a short task costs the broker a fraction of a call instead of one each (bench/e2e.py).
+DEFAULT_PUBLISH_LINGER = 0.02
 BROKER_TYPES = ("embedded", "rabbitmq")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
@@ -78,6 +82,8 @@ class PilotSettings:
     infile_ext: str
     outfile_ext: str
     prefetch: int
+    # EWMS_PILOT_PREFETCH unset: the prefetch follows the tasks' length (pilot/prefetch.py).
+    prefetch_adaptive: bool
     first_event_timeout: float
     idle_timeout: float
     external_directories: tuple[Path, ...]
@@ -108,6 +114,9 @@ class PilotSettings:
     # EWMS_PILOT_OUTAGE_TOLERANCE: seconds of an unreachable WMS or broker the pilot waits out
     # (outputs kept and retried, the input re-subscribed; never a task failure), then exits 1.
     outage_tolerance: float
+    # EWMS_PILOT_PUBLISH_LINGER: seconds a finished task's outputs wait for other tasks' outputs
+    # to be published (and their inputs acked) together; 0 publishes each at once.
+    publish_linger: float
     max_event_bytes: int
     events_exchange: str
     events_url: str
@@ -299,7 +308,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
     # slot frees, and one whose outputs are being published and confirmed before its ack; plus one
     # on its way. Fewer leaves slots idle while acks make room for new deliveries (measured with
     # bench/pilot.py); more only hoards events other pilots could run.
-    prefetch = r.integer("EWMS_PILOT_PREFETCH", 3 * concurrency + 1, 1)
+    prefetch = r.integer("EWMS_PILOT_PREFETCH", base_prefetch(concurrency), 1)
     if prefetch < concurrency:
         r.problem(
             f"EWMS_PILOT_PREFETCH={prefetch}: must be >= EWMS_PILOT_MAX_CONCURRENT_TASKS "
@@ -409,6 +418,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
         infile_ext=infile_ext,
         outfile_ext=outfile_ext,
         prefetch=prefetch,
+        prefetch_adaptive=not r.raw("EWMS_PILOT_PREFETCH"),
         first_event_timeout=first_event_timeout or DEFAULT_FIRST_EVENT_TIMEOUT,
         idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
         external_directories=external,
@@ -441,6 +451,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> PilotSettings:
         or 0.0,
         outage_tolerance=r.seconds("EWMS_PILOT_OUTAGE_TOLERANCE", DEFAULT_OUTAGE_TOLERANCE)
         or DEFAULT_OUTAGE_TOLERANCE,
+        publish_linger=r.seconds(
+            "EWMS_PILOT_PUBLISH_LINGER", DEFAULT_PUBLISH_LINGER, positive=False
+        )
+        or 0.0,
         max_event_bytes=r.integer("EWMS_PILOT_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES, 1),
         events_exchange=exchange,
         events_url=events_url,

@@ -41,7 +41,8 @@ from services.pilot.failures import (
     WorkflowEndedError,
     first_line,
 )
-from services.pilot.queue_link import Intake, QueueUnreachable, Received, queue_links
+from services.pilot.prefetch import AdaptivePrefetch
+from services.pilot.queue_link import Intake, QueueUnreachable, Received, flush_at, queue_links
 from services.pilot.runner import RunResult, run
 from services.pilot.runtimes import Launch, Mount, Runtime, RuntimeSetupError, TaskSpec
 from services.pilot.spawner import Spawner, Withdrawn
@@ -166,6 +167,12 @@ class Pilot:
         self._task_image = settings.task_image
         self._first_received: float | None = None
         self._intake: Intake | None = None
+        # Follows the tasks' length unless EWMS_PILOT_PREFETCH fixes it (prefetch.py).
+        self._adaptive = (
+            AdaptivePrefetch(settings.max_concurrent_tasks, settings.prefetch)
+            if settings.prefetch_adaptive
+            else None
+        )
         self._last_done = 0.0
         self._init_image = settings.init_image
 
@@ -599,6 +606,8 @@ class Pilot:
             return
         await self._ack(item)
         self.counters.tasks_succeeded += 1
+        if self._adaptive is not None and r.result is not None:
+            await self._adapt_prefetch(r.result.wall_seconds)
         self._changed()
         self._lifecycle(event, pilot_service_pb2.TASK_EVENT_KIND_FINISHED, r)
         if self._monitored:
@@ -700,6 +709,16 @@ class Pilot:
         except QueueError as exc:
             raise OutputPublishError(f"publishing the outputs failed: {exc}") from None
         self.counters.events_published += len(outputs) * len(queues)
+
+    async def _adapt_prefetch(self, wall_seconds: float) -> None:
+        """Hold more deliveries while tasks are short, fewer when they grow (prefetch.py)."""
+        assert self._adaptive is not None
+        prefetch = self._adaptive.observe(wall_seconds)
+        if prefetch is None or self._intake is None or self._drain.is_set():
+            return
+        log.info("prefetch changed to follow the tasks' length", prefetch=prefetch)
+        self._outputs.set_flush_at(flush_at(prefetch, self.s.max_concurrent_tasks))
+        await self._intake.set_prefetch(prefetch)
 
     async def _ack(self, item: Received) -> None:
         try:

@@ -109,6 +109,15 @@ def broker_name(side: QueueSide) -> str:
     return f"the WMS at {side.address}"
 
 
+def flush_at(prefetch: int, concurrency: int) -> int:
+    """Tasks whose outputs are published at once, without waiting for the linger to end.
+
+    A held output keeps its input unacked, which keeps a new delivery out: the batch goes when
+    holding more would leave fewer deliveries staged than there are slots, so that every slot
+    has its next event while the batch is published and acked (default prefetch 3c + 1: c + 1)."""
+    return max(1, prefetch - 2 * concurrency)
+
+
 def queue_links(settings: PilotSettings) -> tuple[QueueLink, QueueLink]:
     """The input and output links (one link when both sides are the same), with one outage clock
     per WMS or broker."""
@@ -117,7 +126,14 @@ def queue_links(settings: PilotSettings) -> tuple[QueueLink, QueueLink]:
     def link(side: QueueSide, name: str) -> QueueLink:
         where = broker_name(side)
         outage = outages.setdefault(where, Outage(where, settings.outage_tolerance))
-        return QueueLink(side, settings.max_event_bytes, name, outage)
+        return QueueLink(
+            side,
+            settings.max_event_bytes,
+            name,
+            outage,
+            linger=settings.publish_linger,
+            flush_at=flush_at(settings.prefetch, settings.max_concurrent_tasks),
+        )
 
     inputs = link(settings.incoming, "pilot-in")
     if settings.outgoing == settings.incoming:
@@ -128,15 +144,29 @@ def queue_links(settings: PilotSettings) -> tuple[QueueLink, QueueLink]:
 class QueueLink:
     """One side's queue client, re-created when its connection is gone."""
 
-    def __init__(self, side: QueueSide, max_event_bytes: int, name: str, outage: Outage) -> None:
+    def __init__(
+        self,
+        side: QueueSide,
+        max_event_bytes: int,
+        name: str,
+        outage: Outage,
+        *,
+        linger: float = 0.0,
+        flush_at: int = 1,
+    ) -> None:
         self.side = side
         self.outage = outage
         self._max_event_bytes = max_event_bytes
         self._name = name
+        self._linger = linger
+        self._flush_at = max(1, flush_at)
         self._client: QueueClient | None = None
         self._lock = asyncio.Lock()
-        # Publishes waiting for the call out to their queue to return, by queue id.
-        self._waiting: dict[str, list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]]] = {}
+        # Publishes waiting to go out to their queue (the linger, or the call out to return), by
+        # queue id, each with the loop time it started waiting.
+        self._waiting: dict[str, list[_Waiting]] = {}
+        # Resolved when a queue's batch is full, to cut its linger short.
+        self._full: dict[str, asyncio.Future[None]] = {}
         self._sending: set[str] = set()
         self._senders: set[asyncio.Task[None]] = set()
 
@@ -167,7 +197,11 @@ class QueueLink:
                 io_thread=False,
             )
         return GrpcQueueClient.connect(
-            side.address, side.token, max_event_bytes=self._max_event_bytes
+            side.address,
+            side.token,
+            max_event_bytes=self._max_event_bytes,
+            # Lingering publishes already gather acks: those of one batch go in one message.
+            ack_linger=0.0 if self._linger > 0 else None,
         )
 
     def is_outage(self, error: QueueError) -> bool:
@@ -184,13 +218,19 @@ class QueueLink:
         """Publish durably; returns once the WMS or broker has the events (or raises).
 
         Publishes to one queue go one call at a time: those made while a call is out wait for it
-        and then go together in the next (group commit: no added delay, and one call for several
-        tasks' outputs whenever tasks end faster than a call returns). Each caller gets its own
-        outcome: when a merged call is refused for good (an event too large, the workflow ended),
-        its parts are published one by one so that only the culprit's caller fails."""
+        and then go together in the next (group commit), and a publish with none out waits up to
+        the linger for others to join it, or until ``flush_at`` callers are waiting. Short tasks'
+        outputs thus go a batch per call (and their acks a batch per message) instead of one
+        each. Each caller gets its own outcome: when a merged call is refused for good (an event
+        too large, the workflow ended), its parts are published one by one so that only the
+        culprit's caller fails."""
+        loop = asyncio.get_running_loop()
         waiting = self._waiting.setdefault(queue_id, [])
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiting.append((events, done))
+        done: asyncio.Future[None] = loop.create_future()
+        waiting.append(_Waiting(events, done, loop.time()))
+        full = self._full.get(queue_id)
+        if full is not None and not full.done() and self._batch_full(waiting):
+            full.set_result(None)
         if queue_id not in self._sending:
             self._sending.add(queue_id)
             task = asyncio.create_task(self._send(queue_id), name=f"{self._name}-publish")
@@ -201,7 +241,11 @@ class QueueLink:
     async def _send(self, queue_id: str) -> None:
         """Publish what callers are waiting for, batch after batch, until none is left."""
         try:
-            while batch := self._take(queue_id):
+            while True:
+                await self._gather(queue_id)
+                batch = self._take(queue_id)
+                if not batch:
+                    break
                 events = [event for part, _ in batch for event in part]
                 try:
                     await self._publish(queue_id, events)
@@ -224,8 +268,35 @@ class QueueLink:
                     _settle(batch, None)
         finally:
             self._sending.discard(queue_id)
-            leftover = self._waiting.pop(queue_id, [])
+            leftover = [(w.events, w.done) for w in self._waiting.pop(queue_id, [])]
             _settle(leftover, QueueError("the pilot stopped publishing"))
+
+    def set_flush_at(self, flush_at: int) -> None:
+        """Publish at once when this many callers are waiting (the intake's prefetch changed)."""
+        self._flush_at = max(1, flush_at)
+
+    def _batch_full(self, waiting: list[_Waiting]) -> bool:
+        return (
+            len(waiting) >= self._flush_at
+            or sum(len(w.events) for w in waiting) >= MAX_MERGED_EVENTS
+        )
+
+    async def _gather(self, queue_id: str) -> None:
+        """Wait until the oldest waiting publish has lingered its time, or the batch is full."""
+        waiting = self._waiting.get(queue_id)
+        if not waiting or self._linger <= 0 or self._batch_full(waiting):
+            return
+        loop = asyncio.get_running_loop()
+        delay = waiting[0].since + self._linger - loop.time()
+        if delay <= 0:
+            return
+        full = self._full[queue_id] = loop.create_future()
+        timer = loop.call_later(delay, _resolve, full)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full.pop(queue_id, None)
 
     def _take(self, queue_id: str) -> list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]]:
         """The callers waiting on the queue, up to MAX_MERGED_EVENTS events (at least one)."""
@@ -234,10 +305,10 @@ class QueueLink:
             return []
         batch: list[tuple[Sequence[queue_pb2.Event], asyncio.Future[None]]] = []
         n = 0
-        while waiting and (not batch or n + len(waiting[0][0]) <= MAX_MERGED_EVENTS):
+        while waiting and (not batch or n + len(waiting[0].events) <= MAX_MERGED_EVENTS):
             part = waiting.pop(0)
-            batch.append(part)
-            n += len(part[0])
+            batch.append((part.events, part.done))
+            n += len(part.events)
         return batch
 
     async def _publish(self, queue_id: str, events: Sequence[queue_pb2.Event]) -> None:
@@ -276,6 +347,20 @@ class QueueLink:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+@dataclass
+class _Waiting:
+    """A publish waiting to go out: its events, its caller's outcome, when it started waiting."""
+
+    events: Sequence[queue_pb2.Event]
+    done: asyncio.Future[None]
+    since: float
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settle(
@@ -445,6 +530,16 @@ class Intake:
     def _fail(self, queue_id: str, error: Exception, why: str = "") -> None:
         if not self.failed.done():
             self.failed.set_result(IntakeFailed(f"input queue {queue_id}: {why or error}", error))
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` deliveries per input queue from now on (re-subscriptions
+        too). A subscription that cannot change keeps its old limit, with a warning."""
+        self._prefetch = prefetch
+        for queue_id, subscription in list(self._subscriptions.items()):
+            try:
+                await subscription.set_prefetch(prefetch)
+            except QueueError as exc:
+                log.warning("changing the prefetch failed", queue=queue_id, error=str(exc))
 
     async def pause(self) -> None:
         """Take no new deliveries from any input queue (held ones can still be settled, and a

@@ -210,6 +210,7 @@ TEXT: Final[Mapping[str, Limit]] = MappingProxyType(
             "SubscribeRequest.ack": Limit(),
             "SubscribeRequest.nack": Limit(),
             "SubscribeRequest.pause": Limit(),
+            "SubscribeRequest.prefetch": Limit(),
             "SubscribeOpen.queue_id": _ID,
             "SubscribeAck.ack_ids": Limit(chars=ID_CHARS, items=ACK_IDS),
             "SubscribeNack.ack_id": _ID,

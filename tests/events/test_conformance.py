@@ -182,6 +182,50 @@ async def test_prefetch_bounds_unacked_deliveries(client_env: QueueEnv) -> None:
     await sub.close()
 
 
+async def test_a_raised_prefetch_delivers_more_at_once(client_env: QueueEnv) -> None:
+    env = client_env
+    client = await env.queue_client()
+    queue_id = env.queue("in").queue_id
+    await client.publish(queue_id, make_events(10))
+    sub = await client.subscribe(queue_id, 2)
+    held = await take(sub, 2)
+    # Raised to 5 with nothing acked: three more come at once.
+    await sub.set_prefetch(5)
+    held += await take(sub, 3)
+    assert sub.prefetch == 5
+    assert len({d.event.headers["index"] for d in held}) == 5
+    others = await receive(env, queue_id, 10, wait=2)
+    if env.backend == "embedded":
+        assert len(others) == 5  # exactly the new limit
+    else:
+        # RabbitMQ cannot change a live consumer's limit: a new consumer with the new one
+        # replaced it, so while the old deliveries are held the subscriber may hold both limits.
+        assert 3 <= len(others) <= 5
+    await sub.close()
+
+
+async def test_a_lowered_prefetch_takes_nothing_back_and_holds_back_new_ones(
+    client_env: QueueEnv,
+) -> None:
+    env = client_env
+    client = await env.queue_client()
+    queue_id = env.queue("in").queue_id
+    await client.publish(queue_id, make_events(10))
+    sub = await client.subscribe(queue_id, 4)
+    held = await take(sub, 4)
+    await sub.set_prefetch(1)
+    assert sub.prefetch == 1
+    # Nothing held is taken back; once all of it is acked, exactly one more comes (on RabbitMQ
+    # the new consumer may send it before the acks: the same count either way).
+    await sub.ack(*held)
+    [more] = await take(sub, 1)
+    assert more.event.headers["index"] not in {d.event.headers["index"] for d in held}
+    others = await receive_all(env, queue_id, 5)
+    assert len(others) == 5
+    assert await receive(env, queue_id, 10, wait=1) == []
+    await sub.close()
+
+
 async def test_a_paused_subscription_gets_nothing_new_and_its_nacks_go_elsewhere(
     client_env: QueueEnv,
 ) -> None:

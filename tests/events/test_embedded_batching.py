@@ -14,6 +14,7 @@ import pytest
 
 from ewms.v1 import event_service_pb2, queue_pb2
 from services.events import grpc_client
+from services.events.client import QueueError
 from services.wms.queues import embedded, event_service
 from tests.events.conftest import QueueEnv, close_env, open_env
 
@@ -176,3 +177,15 @@ async def test_a_shallow_subscription_acks_at_once(
             return await in_flight(env, queue_id) == 1  # the other one
 
         await until(settled)
+
+
+async def test_a_prefetch_out_of_range_ends_the_stream_naming_the_field(env: QueueEnv) -> None:
+    queue_id = env.queue("in").queue_id
+    sub = await env.client().subscribe(queue_id, 2)
+    await sub.set_prefetch(10_001)
+    with pytest.raises(QueueError) as raised:
+        async for _ in sub:
+            pass
+    assert "INVALID_ARGUMENT" in str(raised.value)
+    assert "prefetch.prefetch" in str(raised.value) and "between 1 and 10000" in str(raised.value)
+    await sub.close()

@@ -73,3 +73,52 @@ async def test_an_event_too_large_fails_only_its_own_publish(env: QueueEnv) -> N
     assert isinstance(outcomes[1], EventTooLarge), outcomes
     events = await received(env, queue_id, 2)
     assert sorted(e.payload for e in events) == [b"a", b"c"]
+
+
+def lingering_link(env: QueueEnv, queue_id: str, linger: float, flush_at: int) -> QueueLink:
+    side = QueueSide((queue_id,), "embedded", env.wms.address, env.alice_token)
+    return QueueLink(
+        side, MAX_EVENT_BYTES, "test-out", Outage("the WMS", 60), linger=linger, flush_at=flush_at
+    )
+
+
+async def publish_spread(link: QueueLink, queue_id: str, n: int, gap: float) -> None:
+    """``n`` publishes, one every ``gap`` seconds (as tasks ending one after another)."""
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(i * gap)
+        await link.publish(queue_id, [queue_pb2.Event(payload=b"%d" % i)])
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_publishes_within_the_linger_go_in_one_call(env: QueueEnv) -> None:
+    queue_id = env.queue("out").queue_id
+    # Outputs 50 ms apart: with a 2 s linger all four travel together; with none, one by one.
+    lingering = lingering_link(env, queue_id, linger=2.0, flush_at=100)
+    eager = lingering_link(env, queue_id, linger=0.0, flush_at=100)
+    try:
+        await publish_spread(lingering, queue_id, 4, 0.05)
+        await publish_spread(eager, queue_id, 4, 0.05)
+    finally:
+        await lingering.close()
+        await eager.close()
+    events = await received(env, queue_id, 8)
+    stamps = sorted(e.published_ts.ToNanoseconds() for e in events)
+    assert len(set(stamps[:4])) == 1, "the lingering publishes went in more than one call"
+    assert len(set(stamps[4:])) == 4, "publishes without a linger were merged"
+
+
+async def test_a_full_batch_goes_before_the_linger_ends(env: QueueEnv) -> None:
+    queue_id = env.queue("out").queue_id
+    # A 30 s linger, but three waiting publishes fill the batch: they go at once.
+    link = lingering_link(env, queue_id, linger=30.0, flush_at=3)
+    try:
+        await asyncio.wait_for(publish_spread(link, queue_id, 3, 0.02), 10)
+        link.set_flush_at(1)
+        # Now every publish is a batch of its own: no linger at all.
+        await asyncio.wait_for(publish_spread(link, queue_id, 2, 0.0), 10)
+    finally:
+        await link.close()
+    events = await received(env, queue_id, 5)
+    assert len(events) == 5

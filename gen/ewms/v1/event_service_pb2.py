@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65wms/v1/event_service.proto\x12\x07\x65wms.v1\x1a\x13\x65wms/v1/queue.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"N\n\x0ePublishRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0e.ewms.v1.EventB\x04\xe2\x41\x01\x02\"$\n\x0fPublishResponse\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"\xba\x01\n\x10SubscribeRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.ewms.v1.SubscribeOpenH\x00\x12$\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x15.ewms.v1.SubscribeAckH\x00\x12&\n\x04nack\x18\x03 \x01(\x0b\x32\x16.ewms.v1.SubscribeNackH\x00\x12(\n\x05pause\x18\x04 \x01(\x0b\x32\x17.ewms.v1.SubscribePauseH\x00\x42\x06\n\x04kind\"\x10\n\x0eSubscribePause\"J\n\rSubscribeOpen\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08prefetch\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"\x1f\n\x0cSubscribeAck\x12\x0f\n\x07\x61\x63k_ids\x18\x01 \x03(\t\"C\n\rSubscribeNack\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x03 \x01(\x08\"\x97\x01\n\x11SubscribeResponse\x12%\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x11.ewms.v1.DeliveryH\x00\x12*\n\x06opened\x18\x02 \x01(\x0b\x32\x18.ewms.v1.SubscribeOpenedH\x00\x12\'\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x16.ewms.v1.DeliveryBatchH\x00\x42\x06\n\x04kind\"6\n\rDeliveryBatch\x12%\n\ndeliveries\x18\x01 \x03(\x0b\x32\x11.ewms.v1.Delivery\"L\n\x0fSubscribeOpened\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08prefetch\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"\x99\x01\n\x0eReceiveRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nmax_events\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x04 \x01(\x05\x12.\n\x0epayload_format\x18\x05 \x01(\x0e\x32\x16.ewms.v1.PayloadFormat\"8\n\x0fReceiveResponse\x12%\n\ndeliveries\x18\x01 \x03(\x0b\x32\x11.ewms.v1.Delivery\";\n\nAckRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61\x63k_ids\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\"&\n\x0b\x41\x63kResponse\x12\x17\n\x0f\x65xpired_ack_ids\x18\x01 \x03(\t\"_\n\x0bNackRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x61\x63k_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x04 \x01(\x08\"%\n\x0cNackResponse\x12\x15\n\rdead_lettered\x18\x01 \x01(\x08\".\n\x14GetQueueStatsRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x87\x01\n\x16ListDeadLettersRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12.\n\x0epayload_format\x18\x04 \x01(\x0e\x32\x16.ewms.v1.PayloadFormat\"]\n\x17ListDeadLettersResponse\x12)\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x13.ewms.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x19RedriveDeadLettersRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tevent_ids\x18\x02 \x03(\t\"0\n\x1aRedriveDeadLettersResponse\x12\x12\n\nn_redriven\x18\x01 \x01(\x05*e\n\rPayloadFormat\x12\x1e\n\x1aPAYLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYLOAD_FORMAT_BYTES\x10\x01\x12\x1a\n\x16PAYLOAD_FORMAT_DECODED\x10\x02\x32\xfd\x06\n\x0c\x45ventService\x12\x65\n\x07Publish\x12\x17.ewms.v1.PublishRequest\x1a\x18.ewms.v1.PublishResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/queues/{queue_id}/events:\x01*\x12\x46\n\tSubscribe\x12\x19.ewms.v1.SubscribeRequest\x1a\x1a.ewms.v1.SubscribeResponse(\x01\x30\x01\x12n\n\x07Receive\x12\x17.ewms.v1.ReceiveRequest\x1a\x18.ewms.v1.ReceiveResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/queues/{queue_id}/actions/receive:\x01*\x12^\n\x03\x41\x63k\x12\x13.ewms.v1.AckRequest\x1a\x14.ewms.v1.AckResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/queues/{queue_id}/actions/ack:\x01*\x12\x62\n\x04Nack\x12\x14.ewms.v1.NackRequest\x1a\x15.ewms.v1.NackResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/queues/{queue_id}/actions/nack:\x01*\x12h\n\rGetQueueStats\x12\x1d.ewms.v1.GetQueueStatsRequest\x1a\x13.ewms.v1.QueueStats\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/queues/{queue_id}/stats\x12\x80\x01\n\x0fListDeadLetters\x12\x1f.ewms.v1.ListDeadLettersRequest\x1a .ewms.v1.ListDeadLettersResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/queues/{queue_id}/dead-letters\x12\x9c\x01\n\x12RedriveDeadLetters\x12\".ewms.v1.RedriveDeadLettersRequest\x1a#.ewms.v1.RedriveDeadLettersResponse\"=\x82\xd3\xe4\x93\x02\x37\"2/v1/queues/{queue_id}/dead-letters/actions/redrive:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65wms/v1/event_service.proto\x12\x07\x65wms.v1\x1a\x13\x65wms/v1/queue.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\"N\n\x0ePublishRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x0e.ewms.v1.EventB\x04\xe2\x41\x01\x02\"$\n\x0fPublishResponse\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"\xea\x01\n\x10SubscribeRequest\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.ewms.v1.SubscribeOpenH\x00\x12$\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x15.ewms.v1.SubscribeAckH\x00\x12&\n\x04nack\x18\x03 \x01(\x0b\x32\x16.ewms.v1.SubscribeNackH\x00\x12(\n\x05pause\x18\x04 \x01(\x0b\x32\x17.ewms.v1.SubscribePauseH\x00\x12.\n\x08prefetch\x18\x05 \x01(\x0b\x32\x1a.ewms.v1.SubscribePrefetchH\x00\x42\x06\n\x04kind\"\x10\n\x0eSubscribePause\"%\n\x11SubscribePrefetch\x12\x10\n\x08prefetch\x18\x01 \x01(\x05\"J\n\rSubscribeOpen\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08prefetch\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"\x1f\n\x0cSubscribeAck\x12\x0f\n\x07\x61\x63k_ids\x18\x01 \x03(\t\"C\n\rSubscribeNack\x12\x0e\n\x06\x61\x63k_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x03 \x01(\x08\"\x97\x01\n\x11SubscribeResponse\x12%\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x11.ewms.v1.DeliveryH\x00\x12*\n\x06opened\x18\x02 \x01(\x0b\x32\x18.ewms.v1.SubscribeOpenedH\x00\x12\'\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x16.ewms.v1.DeliveryBatchH\x00\x42\x06\n\x04kind\"6\n\rDeliveryBatch\x12%\n\ndeliveries\x18\x01 \x03(\x0b\x32\x11.ewms.v1.Delivery\"L\n\x0fSubscribeOpened\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x10\n\x08prefetch\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"\x99\x01\n\x0eReceiveRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nmax_events\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x04 \x01(\x05\x12.\n\x0epayload_format\x18\x05 \x01(\x0e\x32\x16.ewms.v1.PayloadFormat\"8\n\x0fReceiveResponse\x12%\n\ndeliveries\x18\x01 \x03(\x0b\x32\x11.ewms.v1.Delivery\";\n\nAckRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x15\n\x07\x61\x63k_ids\x18\x02 \x03(\tB\x04\xe2\x41\x01\x02\"&\n\x0b\x41\x63kResponse\x12\x17\n\x0f\x65xpired_ack_ids\x18\x01 \x03(\t\"_\n\x0bNackRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x61\x63k_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64_letter\x18\x04 \x01(\x08\"%\n\x0cNackResponse\x12\x15\n\rdead_lettered\x18\x01 \x01(\x08\".\n\x14GetQueueStatsRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x87\x01\n\x16ListDeadLettersRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12.\n\x0epayload_format\x18\x04 \x01(\x0e\x32\x16.ewms.v1.PayloadFormat\"]\n\x17ListDeadLettersResponse\x12)\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x13.ewms.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x19RedriveDeadLettersRequest\x12\x16\n\x08queue_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tevent_ids\x18\x02 \x03(\t\"0\n\x1aRedriveDeadLettersResponse\x12\x12\n\nn_redriven\x18\x01 \x01(\x05*e\n\rPayloadFormat\x12\x1e\n\x1aPAYLOAD_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14PAYLOAD_FORMAT_BYTES\x10\x01\x12\x1a\n\x16PAYLOAD_FORMAT_DECODED\x10\x02\x32\xfd\x06\n\x0c\x45ventService\x12\x65\n\x07Publish\x12\x17.ewms.v1.PublishRequest\x1a\x18.ewms.v1.PublishResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/queues/{queue_id}/events:\x01*\x12\x46\n\tSubscribe\x12\x19.ewms.v1.SubscribeRequest\x1a\x1a.ewms.v1.SubscribeResponse(\x01\x30\x01\x12n\n\x07Receive\x12\x17.ewms.v1.ReceiveRequest\x1a\x18.ewms.v1.ReceiveResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/queues/{queue_id}/actions/receive:\x01*\x12^\n\x03\x41\x63k\x12\x13.ewms.v1.AckRequest\x1a\x14.ewms.v1.AckResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/queues/{queue_id}/actions/ack:\x01*\x12\x62\n\x04Nack\x12\x14.ewms.v1.NackRequest\x1a\x15.ewms.v1.NackResponse\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/queues/{queue_id}/actions/nack:\x01*\x12h\n\rGetQueueStats\x12\x1d.ewms.v1.GetQueueStatsRequest\x1a\x13.ewms.v1.QueueStats\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/queues/{queue_id}/stats\x12\x80\x01\n\x0fListDeadLetters\x12\x1f.ewms.v1.ListDeadLettersRequest\x1a .ewms.v1.ListDeadLettersResponse\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/queues/{queue_id}/dead-letters\x12\x9c\x01\n\x12RedriveDeadLetters\x12\".ewms.v1.RedriveDeadLettersRequest\x1a#.ewms.v1.RedriveDeadLettersResponse\"=\x82\xd3\xe4\x93\x02\x37\"2/v1/queues/{queue_id}/dead-letters/actions/redrive:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,50 +68,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTSERVICE'].methods_by_name['ListDeadLetters']._serialized_options = b'\202\323\344\223\002$\022\"/v1/queues/{queue_id}/dead-letters'
   _globals['_EVENTSERVICE'].methods_by_name['RedriveDeadLetters']._loaded_options = None
   _globals['_EVENTSERVICE'].methods_by_name['RedriveDeadLetters']._serialized_options = b'\202\323\344\223\0027\"2/v1/queues/{queue_id}/dead-letters/actions/redrive:\001*'
-  _globals['_PAYLOADFORMAT']._serialized_start=1769
-  _globals['_PAYLOADFORMAT']._serialized_end=1870
+  _globals['_PAYLOADFORMAT']._serialized_start=1856
+  _globals['_PAYLOADFORMAT']._serialized_end=1957
   _globals['_PUBLISHREQUEST']._serialized_start=124
   _globals['_PUBLISHREQUEST']._serialized_end=202
   _globals['_PUBLISHRESPONSE']._serialized_start=204
   _globals['_PUBLISHRESPONSE']._serialized_end=240
   _globals['_SUBSCRIBEREQUEST']._serialized_start=243
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=429
-  _globals['_SUBSCRIBEPAUSE']._serialized_start=431
-  _globals['_SUBSCRIBEPAUSE']._serialized_end=447
-  _globals['_SUBSCRIBEOPEN']._serialized_start=449
-  _globals['_SUBSCRIBEOPEN']._serialized_end=523
-  _globals['_SUBSCRIBEACK']._serialized_start=525
-  _globals['_SUBSCRIBEACK']._serialized_end=556
-  _globals['_SUBSCRIBENACK']._serialized_start=558
-  _globals['_SUBSCRIBENACK']._serialized_end=625
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=628
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=779
-  _globals['_DELIVERYBATCH']._serialized_start=781
-  _globals['_DELIVERYBATCH']._serialized_end=835
-  _globals['_SUBSCRIBEOPENED']._serialized_start=837
-  _globals['_SUBSCRIBEOPENED']._serialized_end=913
-  _globals['_RECEIVEREQUEST']._serialized_start=916
-  _globals['_RECEIVEREQUEST']._serialized_end=1069
-  _globals['_RECEIVERESPONSE']._serialized_start=1071
-  _globals['_RECEIVERESPONSE']._serialized_end=1127
-  _globals['_ACKREQUEST']._serialized_start=1129
-  _globals['_ACKREQUEST']._serialized_end=1188
-  _globals['_ACKRESPONSE']._serialized_start=1190
-  _globals['_ACKRESPONSE']._serialized_end=1228
-  _globals['_NACKREQUEST']._serialized_start=1230
-  _globals['_NACKREQUEST']._serialized_end=1325
-  _globals['_NACKRESPONSE']._serialized_start=1327
-  _globals['_NACKRESPONSE']._serialized_end=1364
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1366
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1412
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1415
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1550
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1552
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1645
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1647
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1717
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1719
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1767
-  _globals['_EVENTSERVICE']._serialized_start=1873
-  _globals['_EVENTSERVICE']._serialized_end=2766
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=477
+  _globals['_SUBSCRIBEPAUSE']._serialized_start=479
+  _globals['_SUBSCRIBEPAUSE']._serialized_end=495
+  _globals['_SUBSCRIBEPREFETCH']._serialized_start=497
+  _globals['_SUBSCRIBEPREFETCH']._serialized_end=534
+  _globals['_SUBSCRIBEOPEN']._serialized_start=536
+  _globals['_SUBSCRIBEOPEN']._serialized_end=610
+  _globals['_SUBSCRIBEACK']._serialized_start=612
+  _globals['_SUBSCRIBEACK']._serialized_end=643
+  _globals['_SUBSCRIBENACK']._serialized_start=645
+  _globals['_SUBSCRIBENACK']._serialized_end=712
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=715
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=866
+  _globals['_DELIVERYBATCH']._serialized_start=868
+  _globals['_DELIVERYBATCH']._serialized_end=922
+  _globals['_SUBSCRIBEOPENED']._serialized_start=924
+  _globals['_SUBSCRIBEOPENED']._serialized_end=1000
+  _globals['_RECEIVEREQUEST']._serialized_start=1003
+  _globals['_RECEIVEREQUEST']._serialized_end=1156
+  _globals['_RECEIVERESPONSE']._serialized_start=1158
+  _globals['_RECEIVERESPONSE']._serialized_end=1214
+  _globals['_ACKREQUEST']._serialized_start=1216
+  _globals['_ACKREQUEST']._serialized_end=1275
+  _globals['_ACKRESPONSE']._serialized_start=1277
+  _globals['_ACKRESPONSE']._serialized_end=1315
+  _globals['_NACKREQUEST']._serialized_start=1317
+  _globals['_NACKREQUEST']._serialized_end=1412
+  _globals['_NACKRESPONSE']._serialized_start=1414
+  _globals['_NACKRESPONSE']._serialized_end=1451
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1453
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1499
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1502
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1637
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1639
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1732
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1734
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1804
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1806
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1854
+  _globals['_EVENTSERVICE']._serialized_start=1960
+  _globals['_EVENTSERVICE']._serialized_end=2853
 # @@protoc_insertion_point(module_scope)

@@ -121,6 +121,7 @@ class SubscribeRequest(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     NACK_FIELD_NUMBER: _builtins.int
     PAUSE_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___SubscribeOpen:
         """Must be the first message, and only the first."""
@@ -139,6 +140,12 @@ class SubscribeRequest(_message.Message):
         a nack now returns the event to other consumers instead of to this one.
         """
 
+    @_builtins.property
+    def prefetch(self) -> Global___SubscribePrefetch:
+        """Changes how many unacked deliveries the subscriber holds at most, from now on (a pilot
+        that finds its tasks short holds more, so that their outputs and acks can travel together).
+        """
+
     def __init__(
         self,
         *,
@@ -146,12 +153,13 @@ class SubscribeRequest(_message.Message):
         ack: Global___SubscribeAck | None = ...,
         nack: Global___SubscribeNack | None = ...,
         pause: Global___SubscribePause | None = ...,
+        prefetch: Global___SubscribePrefetch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open", "pause", b"pause"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open", "pause", b"pause", "prefetch", b"prefetch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open", "pause", b"pause"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "nack", b"nack", "open", b"open", "pause", b"pause", "prefetch", b"prefetch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "ack", "nack", "pause"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "ack", "nack", "pause", "prefetch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -173,6 +181,30 @@ class SubscribePause(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubscribePause: _TypeAlias = SubscribePause  # noqa: Y015
+
+@_typing.final
+class SubscribePrefetch(_message.Message):
+    """A new prefetch for an open subscription."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREFETCH_FIELD_NUMBER: _builtins.int
+    prefetch: _builtins.int
+    """Unacked deliveries held at most from now on, 1 to the same maximum as SubscribeOpen.prefetch.
+    Lowering it sends nothing new until the subscriber holds fewer; nothing held is taken back.
+    """
+    def __init__(
+        self,
+        *,
+        prefetch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefetch", b"prefetch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribePrefetch: _TypeAlias = SubscribePrefetch  # noqa: Y015
 
 @_typing.final
 class SubscribeOpen(_message.Message):

@@ -160,15 +160,23 @@ class QueueStats(_message.Message):
     queue_id: _builtins.str
     """The queue counted."""
     ready: _builtins.int
-    """Events waiting for delivery."""
+    """Events waiting for delivery. Exact on both backends (RabbitMQ: a passive queue declare)."""
     in_flight: _builtins.int
-    """Events delivered and not yet acked or nacked."""
+    """Events delivered and not yet acked or nacked. Exact on the embedded broker; on RabbitMQ an
+    estimate from its management statistics, refreshed about every 5 s.
+    """
     acked: _builtins.int
-    """Events acked since the queue was created."""
+    """Events acked since the queue was created (dead-lettered ones not counted). Exact on the
+    embedded broker; on RabbitMQ an estimate from its management statistics, seconds old and
+    possibly short (a closing channel drops what it counted since the last refresh). Nothing
+    should wait on it there: `ewms run` decides completion from exact facts only.
+    """
     dead_lettered: _builtins.int
-    """Events now in the queue's dead-letter queue."""
+    """Events now in the queue's dead-letter queue. Exact on both backends."""
     published: _builtins.int
-    """Events published since the queue was created."""
+    """Events published since the queue was created. Exact on the embedded broker; on RabbitMQ an
+    estimate like `acked`.
+    """
     def __init__(
         self,
         *,

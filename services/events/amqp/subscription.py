@@ -154,6 +154,25 @@ class AmqpSubscription:
         else:
             await self._settle(self._channel.nack([tag], requeue=True))
 
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` from now on. RabbitMQ applies ``basic.qos`` only to consumers
+        started after it, so a new consumer with the new limit starts on this channel and then
+        the old one is cancelled: what the old one delivered stays held here and is acked as
+        before (until then the subscriber may hold up to both limits). Paused: kept for later."""
+        if not 1 <= prefetch <= 65535:
+            raise ValueError(f"prefetch must be between 1 and 65535, got {prefetch}")
+        if self._closed or prefetch == self._prefetch:
+            return
+        self._prefetch = prefetch
+        if not self._consumer_tag:
+            return
+        old = self._consumer_tag
+        self._consumer_tag = await self._channel.consume(
+            self.queue_id, prefetch, self._on_message, self._on_gone
+        )
+        with contextlib.suppress(QueueError):
+            await self._channel.cancel(old)
+
     async def pause(self) -> None:
         """Cancel the consumer (no new deliveries) but keep the channel, so what is held can still
         be acked or nacked."""

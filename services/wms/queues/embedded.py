@@ -244,6 +244,13 @@ class _Sub:
                 ack_id=delivery.ack_id,
             )
 
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` from now on; a higher one gets ready events at once."""
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self._prefetch = prefetch
+        self._broker.credit_changed(self._q)
+
     async def pause(self) -> None:
         """Take no new deliveries; held ones can still be acked or nacked."""
         self.paused = True
@@ -710,6 +717,11 @@ class EmbeddedBroker:
         if sub is not None:
             sub.outstanding.add(ack_id)
         return delivery
+
+    def credit_changed(self, q: _Queue) -> None:
+        """A subscriber of ``q`` may take more now: hand it what is ready."""
+        if not q.deleted:
+            self._pump(q)
 
     def _pump(self, q: _Queue) -> None:
         """Hand ready events to waiting receivers and to subscribers with credit, round-robin."""

@@ -309,6 +309,21 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                         )
                     elif kind == "pause":
                         await sub.pause()
+                    elif kind == "prefetch":
+                        wanted = req.prefetch.prefetch
+                        if not 1 <= wanted <= MAX_PREFETCH:
+                            problem.append(
+                                InvalidArgument(
+                                    [
+                                        (
+                                            "prefetch.prefetch",
+                                            f"must be between 1 and {MAX_PREFETCH}",
+                                        )
+                                    ]
+                                )
+                            )
+                            break
+                        await sub.set_prefetch(wanted)
                     else:
                         problem.append(
                             InvalidArgument([("open", "only the first message may open")])

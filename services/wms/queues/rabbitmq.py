@@ -165,6 +165,10 @@ class CountedSubscription:
         if attempt is not None and (dead_letter or attempt >= self._max_attempts):
             self._events.dead_lettered.inc()
 
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` from now on (see ``AmqpSubscription.set_prefetch``)."""
+        await self._sub.set_prefetch(prefetch)
+
     async def pause(self) -> None:
         """Take no new deliveries; held ones can still be acked or nacked."""
         await self._sub.pause()
