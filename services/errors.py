@@ -196,12 +196,17 @@ class Unauthenticated(ApiError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class PortInUse(OSError):
+class CannotServe(OSError):
+    """The WMS cannot start serving because something it needs is taken (a port, its data
+    directory). ``ewms wms serve``, ``ewms up`` and ``ewms run`` print it and exit 1."""
+
+
+class PortInUse(CannotServe):
     """A WMS address (gRPC or HTTP) cannot be bound: another process, likely another WMS, has it.
     ``ewms wms serve`` prints it and exits 1."""
 
 
-class DataDirInUse(OSError):
+class DataDirInUse(CannotServe):
     """Another WMS serves from the same data directory (it holds the directory's lock): two would
     hand out the same queue sequence numbers and deliver events twice. ``ewms wms serve`` and
     ``ewms up`` print it and exit 1."""

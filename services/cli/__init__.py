@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except workflows.UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except events.CommandError as exc:
+    except workflows.CommandError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         for line in exc.details:
             print(f"  {line}", file=sys.stderr)

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,8 +21,9 @@ from google.protobuf.message import Message
 
 from ewms.v1 import event_service_pb2, event_service_pb2_grpc, queue_pb2, workflow_service_pb2
 from services.cli.connection import Connection
+from services.cli.input_file import InputChanged, InputFile, Line, byte_count
 from services.cli.render import print_json, print_table, when
-from services.cli.workflows import UsageError, _add_limit, _pages
+from services.cli.workflows import CommandError, UsageError, _add_limit, _pages
 from services.config import ClientSettings
 from services.errors import field_violations
 
@@ -40,7 +38,6 @@ DEFAULT_READ_MAX = 10
 DEFAULT_LEASE = 30
 MAX_WAIT = 60
 MAX_LEASE = 7 * 24 * 3600
-MAX_SHOWN_BAD_LINES = 20
 _VIOLATION_INDEX = re.compile(r"^events\[(\d+)\](.*)$")
 
 READ_HELP = f"""\
@@ -56,16 +53,6 @@ attempt, as a nack would be: an event read without --ack as often as its queue's
 dead-lettered. Letting leases expire rather than nacking keeps the events away until this command
 is done, so one read never prints an event twice, and costs no call per event; the price is that
 consumers get them back only when the lease ends (use a short --lease to peek at a busy queue)."""
-
-
-class CommandError(Exception):
-    """A failure with its own exit code and, optionally, detail lines shown under the message."""
-
-    def __init__(self, message: str, exit_code: int, details: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
-        self.details = list(details)
 
 
 def _int_in(low: int, high: int) -> Any:
@@ -241,160 +228,97 @@ def _message_dict(msg: Message) -> dict[str, Any]:
 # --- publish ---
 
 
-@dataclass
-class _Line:
-    number: int  # 1-based line number in the file
-    payload: bytes
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # would be published as Infinity, which is not JSON
-        raise ValueError(f"the number {text[:40]} is too large for a JSON number")
-    return value
-
-
-def _bytes(n: int) -> str:
-    return f"{n:,} bytes"
-
-
-def read_lines(path: str, *, text: bool, max_event_bytes: int | None = None) -> list[_Line]:
-    """The events of a file, one per non-blank line; CommandError (exit 2) naming the bad lines:
-    not UTF-8, not JSON (unless ``text``), or with ``max_event_bytes`` a payload (as it will be
-    published: compact JSON, or with ``text`` the raw line) of more bytes than that."""
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    name = "stdin" if path == "-" else path
-    lines: list[_Line] = []
-    bad: list[str] = []
-    n_too_big = 0
-    over = f"over the limit of {_bytes(max_event_bytes or 0)} (EWMS_MAX_EVENT_BYTES)"
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad.append(f"line {number}: not UTF-8 (byte {exc.start + 1})")
-            continue
-        if not line.strip():
-            continue
-        if text:
-            payload = raw
-        else:
-            try:
-                value = json.loads(line, parse_constant=_reject_constant, parse_float=_finite)
-            except json.JSONDecodeError as exc:
-                bad.append(f"line {number}: {exc.msg} (column {exc.colno})")
-                continue
-            except ValueError as exc:
-                bad.append(f"line {number}: {exc}")
-                continue
-            payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if max_event_bytes is not None and len(payload) > max_event_bytes:
-            # Refused here: the WMS would reject it, or its gRPC limit would, without a line number.
-            bad.append(f"line {number}: {_bytes(len(payload))}, {over}")
-            n_too_big += 1
-            continue
-        lines.append(_Line(number, payload))
-    if bad:
-        verb = "is" if len(bad) == 1 else "are"
-        invalid = "not UTF-8 text" if text else "not valid JSON"
-        if not n_too_big:
-            what = f"{verb} {invalid}"
-        elif n_too_big == len(bad):
-            what = f"{verb} {over}"
-        else:
-            what = f"are {invalid} or are {over}"
-        shown = bad[:MAX_SHOWN_BAD_LINES]
-        if len(bad) > len(shown):
-            shown.append(f"... and {len(bad) - len(shown)} more")
-        first = bad[0].split(":")[0]
-        subject = first if len(bad) == 1 else f"{len(bad)} lines"
-        raise CommandError(f"{name}: {subject} {what}; nothing was published", 2, shown)
-    return lines
-
-
-def _batches(events: list[queue_pb2.Event], size: int) -> Iterator[range]:
-    """Index ranges of at most ``size`` events and (unless one event alone) BATCH_BYTES."""
-    start, nbytes = 0, 0
-    for i, event in enumerate(events):
-        event_bytes = event.ByteSize() + 8
-        if i > start and (i - start >= size or nbytes + event_bytes > BATCH_BYTES):
-            yield range(start, i)
-            start, nbytes = i, 0
+def _batches(lines: Iterator[Line], size: int, content_type: str) -> Iterator[list[Line]]:
+    """The lines in batches of at most ``size`` events and (unless one event alone) BATCH_BYTES,
+    read as they are asked for."""
+    batch: list[Line] = []
+    nbytes = 0
+    for line in lines:
+        # An event's serialized size: its payload and content type, and a few bytes of framing.
+        event_bytes = len(line.payload) + len(content_type) + 16
+        if batch and (len(batch) >= size or nbytes + event_bytes > BATCH_BYTES):
+            yield batch
+            batch, nbytes = [], 0
+        batch.append(line)
         nbytes += event_bytes
-    if start < len(events):
-        yield range(start, len(events))
+    if batch:
+        yield batch
 
 
-def _line_span(lines: Sequence[_Line]) -> str:
-    if not lines:
-        return "none"
-    first, last = lines[0].number, lines[-1].number
+def _line_span(first: int, last: int) -> str:
     return f"line {first}" if first == last else f"lines {first}-{last}"
 
 
 def publish(conn: Connection, args: Any) -> None:
-    """ewms events publish QUEUE --file F."""
+    """ewms events publish QUEUE --file F: the file is checked whole first (a bad line: exit 2,
+    nothing published), then read again and published batch by batch, never held in memory."""
     limit = ClientSettings.from_env().max_event_bytes
-    lines = read_lines(args.file, text=args.text, max_event_bytes=limit)
-    queue_id = resolve_queue(conn, args.queue)
-    content_type = args.content_type or ("text/plain" if args.text else "application/json")
-    events = [queue_pb2.Event(payload=ln.payload, content_type=content_type) for ln in lines]
-    event_ids: list[str] = []
-    with _events_stub(conn) as stub:
-        for batch in _batches(events, args.batch):
-            try:
-                resp = conn.call(
-                    stub.Publish,
-                    ES.PublishRequest(queue_id=queue_id, events=events[batch.start : batch.stop]),
-                )
-            except grpc.RpcError as exc:
-                _publish_failed(exc, lines, batch, len(event_ids))
-                raise
-            event_ids.extend(resp.event_ids)
+    source = InputFile(args.file, text=args.text, max_event_bytes=limit)
+    source.check()
+    n_published = 0
+    first_line = last_line = 0
+    event_ids: list[str] = []  # kept only for --json, which lists them
+    try:
+        queue_id = resolve_queue(conn, args.queue)
+        content_type = args.content_type or ("text/plain" if args.text else "application/json")
+        with _events_stub(conn) as stub:
+            for lines in _batches(source.events(), args.batch, content_type):
+                events = [
+                    queue_pb2.Event(payload=ln.payload, content_type=content_type) for ln in lines
+                ]
+                try:
+                    resp = conn.call(
+                        stub.Publish, ES.PublishRequest(queue_id=queue_id, events=events)
+                    )
+                except grpc.RpcError as exc:
+                    done = (
+                        f"{n_published} event(s) of earlier batches "
+                        f"({_line_span(first_line, last_line)}) were published"
+                        if n_published
+                        else "nothing was published"
+                    )
+                    _publish_failed(exc, lines, done)
+                    raise
+                n_published += len(resp.event_ids)
+                first_line = first_line or lines[0].number
+                last_line = lines[-1].number
+                if args.json:
+                    event_ids.extend(resp.event_ids)
+    except InputChanged as exc:
+        raise CommandError(f"{exc}; {n_published} event(s) were published before", 1) from None
+    finally:
+        source.close()
     if args.json:
-        _dump({"queue_id": queue_id, "n_published": len(event_ids), "event_ids": event_ids})
+        _dump({"queue_id": queue_id, "n_published": n_published, "event_ids": event_ids})
         return
-    print(f"published {len(event_ids)} event(s) to {queue_id}")
+    print(f"published {n_published} event(s) to {queue_id}")
 
 
-def _publish_failed(exc: grpc.RpcError, lines: list[_Line], batch: range, n_done: int) -> None:
-    """Say what a failed batch means; CommandError for rejected events (exit 2)."""
-    done = (
-        f"{n_done} event(s) of earlier batches ({_line_span(lines[:n_done])}) were published"
-        if n_done
-        else "nothing was published"
-    )
-    span = _line_span(lines[batch.start : batch.stop])
+def _publish_failed(exc: grpc.RpcError, lines: list[Line], done: str) -> None:
+    """Say what a failed batch means (``done``: what earlier batches published); CommandError for
+    rejected events (exit 2)."""
+    span = _line_span(lines[0].number, lines[-1].number)
     code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
     reason: str = exc.details() or ""  # type: ignore[attr-defined]
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         # The request passed this CLI's EWMS_MAX_EVENT_BYTES but not the WMS's gRPC message limit
         # (its own EWMS_MAX_EVENT_BYTES + 1 MiB); a batch that big is one event (see _batches).
-        size = sum(len(ln.payload) for ln in lines[batch.start : batch.stop])
+        size = sum(len(ln.payload) for ln in lines)
         raise CommandError(
-            f"RESOURCE_EXHAUSTED: the WMS refused the batch of {span} ({_bytes(size)}) as larger "
-            f"than it accepts ({reason}); {done}",
+            f"RESOURCE_EXHAUSTED: the WMS refused the batch of {span} ({byte_count(size)}) as "
+            f"larger than it accepts ({reason}); {done}",
             2,
             ["hint: the WMS's EWMS_MAX_EVENT_BYTES is likely smaller than this CLI's"],
         ) from None
     if code != grpc.StatusCode.INVALID_ARGUMENT:
-        if n_done:
+        if done != "nothing was published":
             print(f"note: {done}; the batch of {span} failed", file=sys.stderr)
         return
     details: list[str] = []
     for field, description in field_violations(exc):
         match = _VIOLATION_INDEX.match(field)
-        if match and int(match.group(1)) < len(batch):
-            line = lines[batch.start + int(match.group(1))].number
+        if match and int(match.group(1)) < len(lines):
+            line = lines[int(match.group(1))].number
             where = f"{match.group(2).removeprefix('.')} " if match.group(2) else ""
             details.append(f"line {line}: {where}{description}")
         else:

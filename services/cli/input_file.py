@@ -1,4 +1,5 @@
-"""``ewms run --in``: the events file read as a stream, twice, never held in memory.
+"""``ewms run --in`` and ``ewms events publish --file``: the events file read as a stream, twice,
+never held in memory; the one parser of event lines.
 
 A run must refuse a bad line with exit 2 before anything starts, yet must not keep millions of
 lines in memory. So the file is read twice: :meth:`InputFile.check` reads every line, checks it
@@ -13,25 +14,43 @@ between the passes (a line that no longer checks, or another number of events) e
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from services.cli.events import (
-    MAX_SHOWN_BAD_LINES,
-    CommandError,
-    _bytes,
-    _finite,
-    _Line,
-    _reject_constant,
-)
-from services.cli.workflows import UsageError
+from services.cli.workflows import CommandError, UsageError
 
 BOM = b"\xef\xbb\xbf"
 SPOOL_CHUNK = 1 << 20
+MAX_SHOWN_BAD_LINES = 20
+
+
+@dataclass(frozen=True)
+class Line:
+    """One event of the file: its 1-based line number and its payload as published."""
+
+    number: int
+    payload: bytes
+
+
+def byte_count(n: int) -> str:
+    return f"{n:,} bytes"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # would be published as Infinity, which is not JSON
+        raise ValueError(f"the number {text[:40]} is too large for a JSON number")
+    return value
 
 
 class BadLine(ValueError):
@@ -69,12 +88,12 @@ def parse_line(raw: bytes, *, text: bool, max_event_bytes: int | None) -> bytes 
         payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if max_event_bytes is not None and len(payload) > max_event_bytes:
         # Refused here: the WMS would reject it, or its gRPC limit would, without a line number.
-        raise BadLine(f"{_bytes(len(payload))}, {_over(max_event_bytes)}", too_big=True)
+        raise BadLine(f"{byte_count(len(payload))}, {_over(max_event_bytes)}", too_big=True)
     return payload
 
 
 def _over(max_event_bytes: int) -> str:
-    return f"over the limit of {_bytes(max_event_bytes)} (EWMS_MAX_EVENT_BYTES)"
+    return f"over the limit of {byte_count(max_event_bytes)} (EWMS_MAX_EVENT_BYTES)"
 
 
 class InputFile:
@@ -148,7 +167,7 @@ class InputFile:
         subject = bad[0].split(":")[0] if n_bad == 1 else f"{n_bad} lines"
         return CommandError(f"{self.name}: {subject} {what}; nothing was published", 2, shown)
 
-    def events(self) -> Iterator[_Line]:
+    def events(self) -> Iterator[Line]:
         """Pass 2: the events with their line numbers, read as they are asked for; InputChanged
         when a line no longer checks or the count differs from pass 1."""
         n = 0
@@ -162,7 +181,7 @@ class InputFile:
                     ) from None
                 if payload is not None:
                     n += 1
-                    yield _Line(number, payload)
+                    yield Line(number, payload)
         if n != self.n_events:
             raise InputChanged(
                 f"{self.name} changed after it was checked: {n} event(s), not {self.n_events}"

@@ -16,8 +16,8 @@ import sys
 import textwrap
 from typing import Any
 
-from services.cli.events import CommandError
 from services.cli.options import positive_int
+from services.cli.workflows import CommandError
 from services.events.client import QueueAccessDenied, QueueError, QueueNotFound
 from services.logs import configure_logging
 from services.pilot.hyperflow import DEFAULT_EXCHANGE, EventsSubscription, ReceivedEvent

@@ -45,7 +45,7 @@ from ewms.v1 import queue_pb2, taskforce_pb2, workflow_service_pb2_grpc
 from ewms.v1 import workflow_service_pb2 as WS
 from services.cli import run_report
 from services.cli.connection import resolve_token
-from services.cli.events import CommandError, event_json
+from services.cli.events import event_json
 from services.cli.input_file import InputChanged, InputFile
 from services.cli.options import Parents, positive_int
 from services.cli.output_file import OutputError, OutputFile
@@ -53,9 +53,9 @@ from services.cli.run_progress import MODES, Progress, Snapshot, resolve_mode
 from services.cli.seen_outputs import SeenOutputs
 from services.cli.settlement import PassiveCounts, Settlement, stages_of
 from services.cli.watch import WorkflowView
-from services.cli.workflows import UsageError, read_request
+from services.cli.workflows import CommandError, UsageError, read_request
 from services.config import ClientSettings
-from services.errors import DataDirInUse, PortInUse
+from services.errors import CannotServe
 from services.events.amqp import AmqpQueueClient
 from services.events.client import EventTooLarge, QueueClient, QueueError
 from services.events.grpc_client import GrpcQueueClient, channel_options
@@ -158,7 +158,7 @@ def run_command(args: Any) -> int:
         )
     except KeyboardInterrupt:
         return 130
-    except (PortInUse, DataDirInUse) as exc:  # its embedded WMS could not start
+    except CannotServe as exc:  # its embedded WMS could not start
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

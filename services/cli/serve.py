@@ -15,7 +15,7 @@ from services.cli.connection import resolve_token
 from services.cli.options import Parents, positive_int
 from services.cli.workflows import UsageError
 from services.config import ClientSettings, WmsSettings
-from services.errors import DataDirInUse, PortInUse
+from services.errors import CannotServe
 from services.logs import configure_logging
 from services.wms import serve
 
@@ -85,7 +85,7 @@ def run_wms(args: Any) -> int:
     configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
-    except (PortInUse, DataDirInUse) as exc:
+    except CannotServe as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -184,7 +184,7 @@ def up_command(args: Any) -> int:
 
     try:
         asyncio.run(up())
-    except (PortInUse, DataDirInUse) as exc:
+    except CannotServe as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

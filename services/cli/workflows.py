@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,16 @@ def job_exit_label(status: taskforce_pb2.CompoundStatus) -> str:
 
 class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
+
+
+class CommandError(Exception):
+    """A failure with its own exit code and, optionally, detail lines shown under the message."""
+
+    def __init__(self, message: str, exit_code: int, details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.details = list(details)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
