@@ -88,16 +88,21 @@ class GrpcSubscription:
         self._sender = asyncio.create_task(self._send(), name=f"subscribe-send-{queue_id}")
         self._flush_scheduled = False
         self._flush_timer: asyncio.TimerHandle | None = None
-        if self._ack_linger > 0:
-            self._ack_batch = max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
-        else:
-            self._ack_batch = ACK_BATCH_MAX
         self._closed = False
 
     @property
     def prefetch(self) -> int:
         """Maximum unacked deliveries held at once."""
         return self._prefetch
+
+    @property
+    def _ack_batch(self) -> int:
+        """Acks sent at once without waiting for the linger: half the prefetch (at most
+        ACK_BATCH_MAX; 1 below a prefetch of 4); with no linger, ACK_BATCH_MAX (one loop turn)."""
+        if self._ack_linger <= 0:
+            return ACK_BATCH_MAX
+        prefetch = self._prefetch
+        return max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
 
     async def __aiter__(self) -> AsyncIterator[queue_pb2.Delivery]:
         while True:
@@ -168,8 +173,6 @@ class GrpcSubscription:
         if prefetch == self._prefetch:
             return
         self._prefetch = prefetch
-        if self._ack_linger > 0:
-            self._ack_batch = max(1, min(prefetch // 2 if prefetch >= 4 else 1, ACK_BATCH_MAX))
         self._outgoing.put_nowait(
             event_service_pb2.SubscribeRequest(
                 prefetch=event_service_pb2.SubscribePrefetch(prefetch=prefetch)
